@@ -1,0 +1,7 @@
+"""skattr: scikit-learn-compatible training-data attribution and neural-network kernels."""
+
+from .model import TorchModel
+from .training import Callback, TrajectoryRecorder
+
+__version__ = "0.1.0"
+__all__ = ["TorchModel", "Callback", "TrajectoryRecorder", "__version__"]

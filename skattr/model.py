@@ -1,0 +1,497 @@
+"""TorchModel: the one wrapper around ``torch.nn.Module`` that every skattr estimator uses."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.utils.validation import check_is_fitted
+
+from . import gradients as _grad
+from ._validation import check_fitted_shape, check_input, seed_from_random_state
+from .projection import Projector, scale_features
+from .training import copy_callbacks, train_module
+
+__all__ = ["TorchModel"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TorchModel(BaseEstimator):
+    """A PyTorch network as a scikit-learn estimator.
+
+    Wrap a trained ``nn.Module`` to use it as is, or call :meth:`fit` to train a fresh copy of the
+    module (re-initialised from ``random_state``) with seeded mini-batch SGD.  Every skattr method
+    takes a ``TorchModel``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network, mapping a batch ``(n, ...)`` to logits ``(n, C)`` (classification; a single
+        logit means binary with a sigmoid) or outputs ``(n, m)`` (regression).  Lazy modules
+        (``nn.LazyLinear``) are materialised on the first input.
+    task : {"classification", "regression"}, default="classification"
+    params : str or list of str, default=None
+        Which parameters count for gradients and kernels, by name prefix (as in
+        ``module.named_parameters()``). ``None`` means every trainable parameter.
+    epochs, batch_size, lr, momentum, weight_decay : training settings for :meth:`fit`.
+    lr_schedule : {None, "linear", "cosine"} or callable ``(step, total) -> lr``, default=None
+    callbacks : list of :class:`skattr.training.Callback`, default=None
+        Copied at ``fit``; the fitted copies are in ``callbacks_`` (e.g. a
+        :class:`~skattr.training.TrajectoryRecorder` with checkpoints and batch order).
+    warm_start : bool, default=False
+        If True, :meth:`fit` continues from the module's current weights instead of
+        re-initialising them.
+    device : {"auto", "cpu", "cuda", ...}, default="auto"
+        "auto" uses CUDA when available.
+    dtype : {"float32", "float64"}, default="float32"
+    batch_size_eval : int, default=512
+        Batch size for inference, gradients and kernels.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the initialisation and the batch order of :meth:`fit`.
+    verbose : int, default=0
+
+    Attributes
+    ----------
+    module_ : torch.nn.Module
+        The trained copy (after :meth:`fit`).
+    classes_ : ndarray
+        Class labels (classification).
+    history_ : list of float
+        Mean training loss per epoch.
+    callbacks_ : list
+    n_features_in_ : int
+    input_shape_ : tuple
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn.datasets import load_digits
+    >>> from skattr import TorchModel
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X = (X / 16).astype("float32")
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    >>> model = TorchModel(net, epochs=5, lr=0.1, random_state=0).fit(X, y)
+    >>> model.score(X, y) > 0.8
+    True
+    >>> model.predict_proba(X[:2]).shape
+    (2, 10)
+    """
+
+    def __init__(
+        self,
+        module,
+        *,
+        task="classification",
+        params=None,
+        epochs=10,
+        batch_size=64,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=0.0,
+        lr_schedule=None,
+        callbacks=None,
+        warm_start=False,
+        device="auto",
+        dtype="float32",
+        batch_size_eval=512,
+        random_state=None,
+        verbose=0,
+    ):
+        self.module = module
+        self.task = task
+        self.params = params
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.callbacks = callbacks
+        self.warm_start = warm_start
+        self.device = device
+        self.dtype = dtype
+        self.batch_size_eval = batch_size_eval
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ validation / setup
+    def _check_params(self):
+        if not isinstance(self.module, torch.nn.Module):
+            raise TypeError(
+                f"module must be a torch.nn.Module, got {type(self.module).__name__}."
+            )
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}.")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}.")
+        for name in ("epochs", "batch_size", "batch_size_eval"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}.")
+
+    @property
+    def device_(self):
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype_(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def prefixes_(self):
+        return [self.params] if isinstance(self.params, str) else self.params
+
+    def __sklearn_is_fitted__(self):
+        # A wrapped module is usable as is; lazy modules need a first input.
+        return hasattr(self, "module_") or not _has_lazy(self.module)
+
+    def _network(self):
+        """The module to evaluate: the fitted copy, else the wrapped module, on device/dtype."""
+        net = self.module_ if hasattr(self, "module_") else self.module
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(net).__name__}.")
+        p = next(iter(net.parameters()), None)
+        if p is not None and not _has_lazy(net):
+            if p.device != self.device_ or p.dtype != self.torch_dtype_:
+                net.to(device=self.device_, dtype=self.torch_dtype_)
+        return net.eval()
+
+    def _check_trainable(self, net):
+        sel = _grad._selected(net, self.prefixes_)
+        if not sel:
+            names = [n for n, _ in net.named_parameters()]
+            if not any(p.requires_grad for p in net.parameters()):
+                raise ValueError(
+                    f"The module {type(net).__name__} has no trainable parameters "
+                    "(no parameter with requires_grad=True): there is no gradient to compute."
+                )
+            raise ValueError(
+                f"params={self.params!r} selects no trainable parameter; the module's "
+                f"parameters are {names[:10]}{' ...' if len(names) > 10 else ''}."
+            )
+        return sel
+
+    def to_tensor(self, X, name="X"):
+        """Validate ``X`` and convert it to a tensor on the model's device and dtype."""
+        X = check_input(X, name=name)
+        if hasattr(self, "input_shape_"):
+            check_fitted_shape(X, self.input_shape_, name=name)
+        if isinstance(X, torch.Tensor):
+            return X.to(device=self.device_, dtype=self.torch_dtype_)
+        return torch.as_tensor(np.ascontiguousarray(X), dtype=self.torch_dtype_, device=self.device_)
+
+    def _materialise(self, net, X):
+        if _has_lazy(net):
+            with torch.no_grad():
+                net.eval()(X[:1])
+
+    def _encode_y(self, y, n):
+        y = np.asarray(y)
+        if y.shape[0] != n:
+            raise ValueError(f"X and y have inconsistent numbers of samples: {n} and {y.shape[0]}.")
+        if self.task == "regression":
+            y = y.astype(np.float64)
+            if not np.all(np.isfinite(y)):
+                raise ValueError("Input y contains NaN or infinity.")
+            return torch.as_tensor(y.reshape(n, -1), dtype=self.torch_dtype_, device=self.device_)
+        if y.ndim != 1:
+            raise ValueError(f"y must be 1-dimensional for classification, got shape {y.shape}.")
+        classes = self.classes_ if hasattr(self, "classes_") else None
+        if classes is None:
+            classes = np.arange(self.n_outputs_ if self.n_outputs_ > 1 else 2)
+        idx = np.searchsorted(classes, y)
+        idx = np.clip(idx, 0, len(classes) - 1)
+        bad = classes[idx] != y
+        if np.any(bad):
+            raise ValueError(
+                f"y contains labels {np.unique(y[bad])[:5].tolist()} that are not among the "
+                f"model's classes {classes.tolist()[:20]}."
+            )
+        return torch.as_tensor(idx, dtype=torch.long, device=self.device_)
+
+    # ------------------------------------------------------------------ losses
+    def _loss_fn(self, z, y):
+        """Per-example loss of logits ``z`` (n, C) against encoded targets ``y``."""
+        if self.task == "regression":
+            return 0.5 * ((z - y.reshape(z.shape)) ** 2).sum(-1)
+        if z.shape[-1] == 1:
+            return F.binary_cross_entropy_with_logits(z[:, 0], y.to(z.dtype), reduction="none")
+        return F.cross_entropy(z, y, reduction="none")
+
+    @property
+    def n_outputs_(self):
+        if hasattr(self, "_n_outputs"):
+            return self._n_outputs
+        raise AttributeError("n_outputs_ is known after the first forward pass.")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y):
+        """Train a fresh copy of ``module`` on ``(X, y)``.
+
+        The copy is re-initialised (``reset_parameters`` of every submodule) from
+        ``random_state`` unless ``warm_start=True``; batch order is seeded too, so the same
+        ``random_state`` gives the same trained network.
+        """
+        self._check_params()
+        X = check_input(X)
+        Xt = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+        Xt = Xt.to(device=self.device_, dtype=self.torch_dtype_)
+        seed = seed_from_random_state(self.random_state)
+        src = self.module_ if (self.warm_start and hasattr(self, "module_")) else self.module
+        net = copy.deepcopy(src)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if not _has_lazy(net):
+                net.to(device=self.device_, dtype=self.torch_dtype_)
+            self._materialise(net, Xt)
+            net.to(device=self.device_, dtype=self.torch_dtype_)
+            if not self.warm_start:
+                for m in net.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+        self._check_trainable(net)
+        with torch.no_grad():
+            z = net.eval()(Xt[: min(2, len(Xt))])
+        self._n_outputs = 1 if z.ndim == 1 else int(z.shape[-1])
+        if self.task == "classification":
+            y = np.asarray(y)
+            self.classes_ = np.unique(y)
+            need = len(self.classes_) if self._n_outputs > 1 else 2
+            if self._n_outputs > 1 and self._n_outputs < len(self.classes_) or (
+                self._n_outputs == 1 and len(self.classes_) > 2
+            ):
+                raise ValueError(
+                    f"y has {len(self.classes_)} classes but the module outputs "
+                    f"{self._n_outputs} logit(s) (needs {need})."
+                )
+            if self._n_outputs > 1 and len(self.classes_) < self._n_outputs:
+                # labels are indices into the logits
+                self.classes_ = np.arange(self._n_outputs)
+        yt = self._encode_y(y, Xt.shape[0])
+        self.callbacks_ = copy_callbacks(self.callbacks)
+        self.history_ = train_module(
+            net,
+            Xt,
+            yt,
+            self._loss_fn,
+            epochs=int(self.epochs),
+            batch_size=int(self.batch_size),
+            lr=float(self.lr),
+            momentum=float(self.momentum),
+            weight_decay=float(self.weight_decay),
+            lr_schedule=self.lr_schedule,
+            seed=seed,
+            callbacks=self.callbacks_,
+            verbose=self.verbose,
+        )
+        self.module_ = net.eval()
+        self.n_features_in_ = int(X.shape[1])
+        self.input_shape_ = tuple(X.shape[1:])
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _batches(self, Xt, batch_size=None):
+        bs = int(batch_size or self.batch_size_eval)
+        for i in range(0, Xt.shape[0], bs):
+            yield i, Xt[i : i + bs]
+
+    def _ready(self, X):
+        """(network, tensor) for inference, with validation and lazy materialisation."""
+        Xt = self.to_tensor(X)
+        net = self._network()
+        if _has_lazy(net):
+            self._materialise(net, Xt)
+            net = self._network()
+        self._check_trainable(net)
+        if not hasattr(self, "_n_outputs"):
+            with torch.no_grad():
+                z = net(Xt[:1])
+            self._n_outputs = 1 if z.ndim == 1 else int(z.shape[-1])
+        return net, Xt
+
+    @torch.no_grad()
+    def logits(self, X):
+        """Raw network outputs as a tensor (n, C) on the model's device."""
+        net, Xt = self._ready(X)
+        out = []
+        for _, xb in self._batches(Xt):
+            z = net(xb)
+            out.append(z[:, None] if z.ndim == 1 else z)
+        return torch.cat(out)
+
+    def decision_function(self, X):
+        """Logits as a numpy array, (n, C) (or (n,) for a single-logit binary model)."""
+        z = self.logits(X).cpu().numpy()
+        return z[:, 0] if z.shape[1] == 1 else z
+
+    def predict_proba(self, X):
+        """Class probabilities (n, n_classes): softmax of the logits (sigmoid for one logit)."""
+        if self.task != "classification":
+            raise AttributeError("predict_proba is only available for task='classification'.")
+        z = self.logits(X)
+        if z.shape[1] == 1:
+            p = torch.sigmoid(z[:, 0])
+            return torch.stack([1 - p, p], 1).cpu().numpy()
+        return torch.softmax(z, dim=1).cpu().numpy()
+
+    def _classes(self):
+        if hasattr(self, "classes_"):
+            return self.classes_
+        return np.arange(self.n_outputs_ if self.n_outputs_ > 1 else 2)
+
+    def predict(self, X):
+        """Predicted class labels (classification) or outputs (regression)."""
+        z = self.logits(X)
+        if self.task == "regression":
+            z = z.cpu().numpy()
+            return z[:, 0] if z.shape[1] == 1 else z
+        idx = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
+        return self._classes()[idx.cpu().numpy()]
+
+    def score(self, X, y):
+        """Accuracy (classification) or R^2 (regression)."""
+        if self.task == "regression":
+            return r2_score(y, self.predict(X))
+        return accuracy_score(y, self.predict(X))
+
+    def per_example_loss(self, X, y):
+        """Loss of each example, (n,)."""
+        net, Xt = self._ready(X)
+        yt = self._encode_y(y, Xt.shape[0])
+        out = []
+        with torch.no_grad():
+            for i, xb in self._batches(Xt):
+                z = net(xb)
+                z = z[:, None] if z.ndim == 1 else z
+                out.append(self._loss_fn(z, yt[i : i + len(xb)]))
+        return torch.cat(out).cpu().numpy()
+
+    def activations(self, X, layer):
+        """Output of the submodule named ``layer`` (see ``module.named_modules()``), (n, ...)."""
+        net, Xt = self._ready(X)
+        mods = dict(net.named_modules())
+        if layer not in mods:
+            raise ValueError(
+                f"No submodule named {layer!r}; available: {[n for n in mods if n][:20]}."
+            )
+        store = []
+        h = mods[layer].register_forward_hook(lambda m, i, o: store.append(o.detach()))
+        try:
+            with torch.no_grad():
+                for _, xb in self._batches(Xt):
+                    net(xb)
+        finally:
+            h.remove()
+        return torch.cat(store).cpu().numpy()
+
+    def embedding_layer(self):
+        """Name of the module whose output feeds the last Linear layer (the penultimate layer)."""
+        net = self._network()
+        names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not names:
+            raise ValueError("The module has no nn.Linear layer; pass layer= explicitly.")
+        return names[-1]
+
+    def embeddings(self, X, layer=None):
+        """Inputs of the last Linear layer (or of ``layer``), flattened to (n, d)."""
+        net, Xt = self._ready(X)
+        layer = layer or self.embedding_layer()
+        mods = dict(net.named_modules())
+        if layer not in mods:
+            raise ValueError(f"No submodule named {layer!r}.")
+        store = []
+        h = mods[layer].register_forward_hook(lambda m, i, o: store.append(i[0].detach()))
+        try:
+            with torch.no_grad():
+                for _, xb in self._batches(Xt):
+                    net(xb)
+        finally:
+            h.remove()
+        return torch.cat(store).flatten(1)
+
+    # ------------------------------------------------------------------ gradients
+    def gradient_records(self, X, *, output="logits", y=None, method="auto", batch_size=None):
+        """Yield ``(start, records)`` of per-example gradients of ``output`` batch by batch.
+
+        ``output`` is "logits" (one gradient per class), "sum_logits", "loss", "margin" (TRAK's
+        classification margin) or a callable ``(logits, y) -> (n,) or (n, m)``.
+        """
+        net, Xt = self._ready(X)
+        self._check_trainable(net)
+        if isinstance(output, str) and output not in _grad.OUTPUTS:
+            raise ValueError(f"output must be one of {list(_grad.OUTPUTS)} or a callable.")
+        yt = None
+        if y is not None:
+            yt = self._encode_y(y, Xt.shape[0])
+        elif output in ("loss", "margin") and self.task == "classification":
+            yt = self.logits(Xt).argmax(1) if self.n_outputs_ > 1 else (self.logits(Xt)[:, 0] > 0).long()
+        for i, xb in self._batches(Xt, batch_size):
+            yb = None if yt is None else yt[i : i + len(xb)]
+            yield i, _grad.compute_records(
+                net, xb, output=output, y=yb, loss=self._loss_fn, prefixes=self.prefixes_, method=method
+            )
+
+    def per_example_gradients(
+        self, X, y=None, *, output="loss", projection_dim=None, projection="rademacher",
+        random_state=0, method="auto", batch_size=None,
+    ):
+        """Per-example gradients (n, p) (or (n, m, p) for a multi-output ``output``).
+
+        With ``projection_dim=k`` the gradients are projected by a seeded, nested random projection
+        (see :mod:`skattr.projection`) to (n, k) (or (n, m, k)), scaled so that inner products are
+        unbiased.  Parameters are ordered as in ``module.named_parameters()``.
+        """
+        out = []
+        proj = None
+        if projection_dim is not None:
+            proj = Projector(
+                projection, projection_dim, seed_from_random_state(random_state),
+                device=self.device_, dtype=self.torch_dtype_,
+            )
+        for _, recs in self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size):
+            if proj is None:
+                out.append(_grad.flatten(recs))
+            else:
+                out.append(scale_features(_grad.project(recs, proj), proj.k))
+        G = torch.cat(out).cpu().numpy()
+        return G[:, 0] if G.shape[1] == 1 else G
+
+    def fingerprint(self):
+        """A hash of the architecture, weights, selected parameters and dtype (for caches)."""
+        net = self._network()
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr(net).encode())
+        h.update(repr((self.prefixes_, self.dtype, self.task)).encode())
+        for k, v in net.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.estimator_type = "classifier" if self.task == "classification" else "regressor"
+        tags.non_deterministic = False
+        return tags
+
+
+def _has_lazy(module):
+    from torch.nn.parameter import is_lazy
+
+    return any(is_lazy(p) for p in module.parameters()) or any(
+        is_lazy(b) for b in module.buffers()
+    )
+
+
+warnings.filterwarnings("ignore", message="Lazy modules are a new feature", category=UserWarning)

@@ -1,0 +1,198 @@
+"""A small deterministic SGD trainer that can record its trajectory through callbacks.
+
+The update is PyTorch's SGD (``g = grad + weight_decay * theta``; ``buf = momentum * buf + g``;
+``theta -= lr * buf``), which is the recursion HYDRA and TracIn replay.  Batch order comes from a
+seeded ``torch.Generator``, so the same ``random_state`` gives the same trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Callback", "TrainState", "TrajectoryRecorder", "train_module"]
+
+
+@dataclass
+class TrainState:
+    """What a callback sees: the live module and optimizer and where training stands."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+    batch_indices: np.ndarray | None = None
+    lr: float = 0.0
+    loss: float = float("nan")
+    n_train: int = 0
+    batch_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Callback:
+    """Base class: override any of the hooks. Each receives a :class:`TrainState`.
+
+    ``on_batch_begin`` runs before the parameter update of a step (parameters are ``theta_t``),
+    ``on_batch_end`` after it (parameters are ``theta_{t+1}``).
+    """
+
+    def on_train_begin(self, state):
+        pass
+
+    def on_batch_begin(self, state):
+        pass
+
+    def on_batch_end(self, state):
+        pass
+
+    def on_epoch_end(self, state):
+        pass
+
+    def on_train_end(self, state):
+        pass
+
+
+class TrajectoryRecorder(Callback):
+    """Record checkpoints, learning rates, batch order and losses.
+
+    Parameters
+    ----------
+    checkpoint_every : "epoch" or int, default="epoch"
+        Save a copy of the parameters at the start of training, then after every epoch (or every
+        ``checkpoint_every`` steps).
+
+    Attributes
+    ----------
+    checkpoints_ : list of (step, state_dict)
+    lrs_ : list of float, one per step
+    batches_ : list of ndarray, the training indices of each step
+    losses_ : list of float, the mean mini-batch loss of each step
+    """
+
+    def __init__(self, checkpoint_every="epoch"):
+        self.checkpoint_every = checkpoint_every
+
+    def _save(self, state):
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in state.module.state_dict().items()}
+        self.checkpoints_.append((state.step, sd))
+
+    def on_train_begin(self, state):
+        self.checkpoints_, self.lrs_, self.batches_, self.losses_ = [], [], [], []
+        self.momentum_, self.weight_decay_ = (
+            state.optimizer.param_groups[0]["momentum"],
+            state.optimizer.param_groups[0]["weight_decay"],
+        )
+        self.n_train_, self.batch_size_ = state.n_train, state.batch_size
+        self._save(state)
+
+    def on_batch_end(self, state):
+        self.lrs_.append(state.lr)
+        self.batches_.append(np.asarray(state.batch_indices))
+        self.losses_.append(state.loss)
+        ce = self.checkpoint_every
+        if ce != "epoch" and state.step % int(ce) == 0:
+            self._save(state)
+
+    def on_epoch_end(self, state):
+        if self.checkpoint_every == "epoch":
+            self._save(state)
+
+
+def _lr_at(lr, schedule, step, total):
+    if schedule in (None, "constant"):
+        return lr
+    if schedule == "linear":
+        return lr * (1.0 - step / max(total, 1))
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + np.cos(np.pi * step / max(total, 1)))
+    if callable(schedule):
+        return float(schedule(step, total))
+    raise ValueError(f"lr_schedule must be None, 'linear', 'cosine' or a callable, got {schedule!r}.")
+
+
+def train_module(
+    module,
+    X,
+    y,
+    loss_fn,
+    *,
+    epochs,
+    batch_size,
+    lr,
+    momentum,
+    weight_decay,
+    lr_schedule,
+    seed,
+    callbacks=(),
+    verbose=0,
+):
+    """Train ``module`` in place on tensors ``X``, ``y`` with seeded mini-batch SGD.
+
+    ``loss_fn(logits, y)`` returns per-example losses.  Returns the list of mean losses per epoch.
+    """
+    n = X.shape[0]
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    steps_per_epoch = -(-n // batch_size)
+    total = epochs * steps_per_epoch
+    state = TrainState(module=module, optimizer=opt, n_train=n, batch_size=batch_size)
+    for cb in callbacks:
+        cb.on_train_begin(state)
+    history = []
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="training", leave=False)
+    for epoch in range(epochs):
+        module.train()
+        perm = torch.randperm(n, generator=gen)
+        tot = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            cur_lr = _lr_at(lr, lr_schedule, state.step, total)
+            for gpar in opt.param_groups:
+                gpar["lr"] = cur_lr
+            state.epoch, state.batch_indices, state.lr = epoch, idx.numpy(), cur_lr
+            for cb in callbacks:
+                cb.on_batch_begin(state)
+            dev_idx = idx.to(X.device)
+            out = module(X[dev_idx])
+            if out.ndim == 1:
+                out = out[:, None]
+            loss = loss_fn(out, y[dev_idx]).mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Training loss became {loss.item()} at epoch {epoch}, step {state.step}: "
+                    "lower the learning rate (lr) or check the inputs."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state.step += 1
+            state.loss = float(loss.detach())
+            tot += state.loss * len(idx)
+            for cb in callbacks:
+                cb.on_batch_end(state)
+            if bar is not None:
+                bar.update(1)
+        history.append(tot / n)
+        for cb in callbacks:
+            cb.on_epoch_end(state)
+        if bar is not None:
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    if bar is not None:
+        bar.close()
+    module.eval()
+    for cb in callbacks:
+        cb.on_train_end(state)
+    return history
+
+
+def copy_callbacks(callbacks):
+    return [copy.deepcopy(cb) for cb in (callbacks or ())]
