@@ -21,7 +21,18 @@ Notes on traker's CPU path
 * traker stores ``P^T grad / sqrt(n_params)``; ``traker_featurize`` returns
   exactly what traker stores (pass ``unnormalize=True`` to undo the factor).
 * ``finalize_scores`` returns a ``(n_train, n_test)`` memmap; we transpose
-  to ``(n_test, n_train)``.
+  to ``(n_test, n_train)``.  Its scores equal
+  ``phi_test (F^T F)^{-1} F^T * (1 - p_train)`` *divided by* the global
+  constant ``mean(|(F^T F)^{-1}|)`` (BasicScoreComputer rescales the inverse
+  "for float16 stability"), with ``F``/``phi`` the featurize outputs; compare
+  rankings/correlations, or undo that constant, not raw magnitudes.
+* ``load_from_save_dir=False`` skips creating ``experiments.json`` and
+  ``start_scoring_checkpoint`` then crashes, so we keep traker's default
+  ``True``; a reused ``save_dir`` that already holds model_id 0 raises
+  ``ModelIDException``.
+* ``finalize_features``/``finalize_scores`` draw tqdm bars on stderr.
+* The first featurize in a process pays a few seconds of one-off start-up;
+  warm up before timing.
 """
 from __future__ import annotations
 
@@ -163,9 +174,8 @@ def traker_scores(module, X_train, y_train, X_test, y_test, proj_dim,
 
 
 if __name__ == "__main__":
-    from sklearn.datasets import load_digits
-
     import trak
+    from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(np.float32)

@@ -36,6 +36,7 @@ Kinds
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import torch
@@ -74,18 +75,19 @@ def _dense_rows(kind, seed, key, r0, r1, p, dtype):
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def _sparse_rows(seed, key, k, p):
-    """Indices, values of a k x p very sparse projection (nested: row blocks are seeded)."""
+def _sparse_rows(seed, key, r0, r1, p):
+    """Indices, values of rows r0:r1 of a very sparse projection (nested: row blocks are seeded)."""
     s = max(1, math.ceil(math.sqrt(p)))
-    n_blocks = -(-k // ROW_BLOCK)
     cols, vals = [], []
     scale = math.sqrt(p / s)
-    for b in range(n_blocks):
+    b0 = r0 // ROW_BLOCK
+    for b in range(b0, (r1 - 1) // ROW_BLOCK + 1):
         g = _generator(seed, key + "|sparse", b)
         cols.append(torch.randint(0, p, (ROW_BLOCK, s), generator=g))
         vals.append(torch.randint(0, 2, (ROW_BLOCK, s), generator=g).float().mul_(2).sub_(1))
-    cols = torch.cat(cols)[:k]
-    vals = torch.cat(vals)[:k] * scale
+    lo = r0 - b0 * ROW_BLOCK
+    cols = torch.cat(cols)[lo : lo + r1 - r0]
+    vals = torch.cat(vals)[lo : lo + r1 - r0] * scale
     return cols, vals
 
 
@@ -97,16 +99,19 @@ class Projector:
     kind : {"rademacher", "gaussian", "sparse", "factored"}
     k : int
         Number of rows.
+    start : int, default=0
+        Index of the first row: rows ``start:start + k`` of the nested projection (used to extend
+        features computed at a smaller size).
     seed : int
     device, dtype : torch device and dtype of the features.
     """
 
-    def __init__(self, kind, k, seed, *, device="cpu", dtype=torch.float32):
+    def __init__(self, kind, k, seed, *, start=0, device="cpu", dtype=torch.float32):
         if kind not in KINDS:
             raise ValueError(f"projection must be one of {KINDS}, got {kind!r}.")
         if int(k) < 1:
             raise ValueError(f"projection_dim must be a positive integer, got {k}.")
-        self.kind, self.k, self.seed = kind, int(k), int(seed)
+        self.kind, self.k, self.seed, self.start = kind, int(k), int(seed), int(start)
         self.device, self.dtype = torch.device(device), dtype
         self._cache = {}
 
@@ -120,14 +125,16 @@ class Projector:
         if kind == "sparse":
             ck = (key, "sparse")
             if ck not in self._cache:
-                cols, vals = _sparse_rows(self.seed, key, self.k, p)
-                self._cache[ck] = (cols.to(self.device), vals.to(self.device, self.dtype))
-            cols, vals = self._cache[ck]
-            # out[:, r] += sum_j vals[r, j] * g[:, cols[r, j]]  (gather; k*s per example)
-            step = max(1, (2**24) // max(1, g2.shape[0] * cols.shape[1]))
-            for r0 in range(0, self.k, step):
-                c = cols[r0 : r0 + step]
-                o2[:, r0 : r0 + step] += (g2[:, c] * vals[r0 : r0 + step]).sum(-1)
+                cols, vals = _sparse_rows(self.seed, key, self.start, self.start + self.k, p)
+                s = cols.shape[1]
+                crow = torch.arange(0, self.k * s + 1, s)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    P = torch.sparse_csr_tensor(
+                        crow, cols.flatten(), vals.flatten().to(self.dtype), size=(self.k, p)
+                    )
+                self._cache[ck] = P.to(self.device)
+            o2 += torch.sparse.mm(self._cache[ck], g2.T.contiguous()).T
             return
         nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
         ck = (key, kind)
@@ -135,22 +142,25 @@ class Projector:
             o2 += g2 @ self._cache[ck].T
             return
         if nbytes <= _CACHE_BYTES:
-            P = _dense_rows(kind, self.seed, key, 0, self.k, p, self.dtype).to(self.device)
+            P = _dense_rows(kind, self.seed, key, self.start, self.start + self.k, p, self.dtype)
+            P = P.to(self.device)
             self._cache[ck] = P
             o2 += g2 @ P.T
             return
         rows = max(ROW_BLOCK, (_CACHE_BYTES // max(1, p * 4)) // ROW_BLOCK * ROW_BLOCK)
         for r0 in range(0, self.k, rows):
             r1 = min(self.k, r0 + rows)
-            P = _dense_rows(kind, self.seed, key, r0, r1, p, self.dtype).to(self.device)
+            s0 = self.start
+            P = _dense_rows(kind, self.seed, key, s0 + r0, s0 + r1, p, self.dtype).to(self.device)
             o2[:, r0:r1] += g2 @ P.T
 
     # -- factored rows on an (input, output-gradient) pair ------------------------------
     def factors(self, key: str, d_out: int, d_in: int):
         ck = (key, "factored")
         if ck not in self._cache:
-            U = _dense_rows("gaussian", self.seed, key + "|u", 0, self.k, d_out, self.dtype)
-            V = _dense_rows("gaussian", self.seed, key + "|v", 0, self.k, d_in, self.dtype)
+            r0, r1 = self.start, self.start + self.k
+            U = _dense_rows("gaussian", self.seed, key + "|u", r0, r1, d_out, self.dtype)
+            V = _dense_rows("gaussian", self.seed, key + "|v", r0, r1, d_in, self.dtype)
             self._cache[ck] = (U.to(self.device), V.to(self.device))
         return self._cache[ck]
 

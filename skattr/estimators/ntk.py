@@ -1,0 +1,542 @@
+"""Approximate empirical NTK kernels (Engel et al., ICLR 2024) as scikit-learn transformers.
+
+Each transformer's ``fit(X)`` stores the reference set (its per-example gradient factors or
+projected features), and ``transform(X)`` returns ``K(X, X_fit)`` of shape ``(n_samples,
+n_fit)``, so ``make_pipeline(TraceNTK(model), SVC(kernel="precomputed"))`` is a kernel machine
+whose train and test blocks are sliced correctly under cross-validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from .. import gradients as _grad
+from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
+from ..cache import FeatureCache
+from ..model import TorchModel
+from ..projection import KINDS, Projector, scale_features
+
+__all__ = ["TraceNTK", "PseudoNTK", "EmpiricalNTK", "GradCosKernel", "EmbeddingKernel"]
+
+_EPS = 1e-30
+
+
+def _progress(iterable, total, verbose, desc):
+    if not verbose:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class _BaseKernel(TransformerMixin, BaseEstimator):
+    """Shared machinery: validation, the model copy, batching, normalisation."""
+
+    _parameter_constraints = {
+        "model": [TorchModel],
+        "normalize": ["boolean"],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "verbose": ["verbose"],
+    }
+
+    def _validate(self, X, reset):
+        if not isinstance(self.model, TorchModel):
+            raise TypeError(
+                f"model must be a skattr.TorchModel, got {type(self.model).__name__}; wrap your "
+                "network as TorchModel(module)."
+            )
+        X = check_input(X)
+        if reset:
+            self.n_features_in_ = int(X.shape[1])
+            self.input_shape_ = tuple(X.shape[1:])
+        else:
+            check_is_fitted(self)
+            check_fitted_shape(X, self.input_shape_)
+        return X
+
+    def _fit_model(self, X):
+        # A private copy: later changes to the user's model cannot silently change this kernel.
+        self.model_ = copy.deepcopy(self.model)
+        self.model_._ready(X[:1])
+
+    def _chunks(self, n):
+        bs = int(self.batch_size or self.model_.batch_size_eval)
+        return [(i, min(n, i + bs)) for i in range(0, n, bs)]
+
+    def _to_numpy(self, K):
+        return K.detach().cpu().numpy().astype(np.float64, copy=False)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.transformer_tags.preserves_dtype = ["float64"]
+        return tags
+
+
+class _GradientKernel(_BaseKernel):
+    """Kernels of per-example gradients ``<grad f_o(x), grad f_o(x')>`` of an output ``f``."""
+
+    _output = "logits"  # the output whose gradients define the kernel
+    _mode = "trace"  # "trace": sum over outputs; "full": all output pairs
+
+    _parameter_constraints = {
+        **_BaseKernel._parameter_constraints,
+        "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "projection": [StrOptions(set(KINDS))],
+        "method": [StrOptions({"auto", "structured", "vmap"})],
+        "memory": [FeatureCache, None],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        model,
+        *,
+        projection_dim=None,
+        projection="rademacher",
+        normalize=True,
+        method="auto",
+        batch_size=None,
+        memory=None,
+        random_state=0,
+        verbose=0,
+    ):
+        self.model = model
+        self.projection_dim = projection_dim
+        self.projection = projection
+        self.normalize = normalize
+        self.method = method
+        self.batch_size = batch_size
+        self.memory = memory
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- labels used by the output function (only Grad-Cos needs them) -------------------
+    def _labels(self, X, y):
+        return None
+
+    def _records(self, Xt, y):
+        return _grad.compute_records(
+            self.model_._network(),
+            Xt,
+            output=self._output,
+            y=y,
+            loss=self.model_._loss_fn,
+            prefixes=self.model_.prefixes_,
+            method=self.method,
+        )
+
+    def _featurize(self, Xt, y, start, k):
+        """Unscaled projected features (n, m, k) of rows ``start:start+k``."""
+        proj = Projector(
+            self.projection, k, self._seed, start=start,
+            device=self.model_.device_, dtype=self.model_.torch_dtype_,
+        )
+        chunks = self._chunks(Xt.shape[0])
+        out = []
+        for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} features"):
+            yb = None if y is None else y[i0:i1]
+            out.append(_grad.project(self._records(Xt[i0:i1], yb), proj))
+        return torch.cat(out)
+
+    def _features(self, Xt, y):
+        k = int(self.projection_dim)
+        if self.memory is None:
+            return self._featurize(Xt, y, 0, k)
+        # y enters the key through the per-sample content: append the label to the row.
+        key = (self.model_.fingerprint(), type(self).__name__, self._output, self.projection,
+               self._seed, self.method)
+        if y is not None:
+            rows = torch.cat([Xt.flatten(1), y[:, None].to(Xt.dtype)], 1)
+
+            def compute(R, start, kk):
+                return self._featurize(R[:, :-1].reshape(-1, *Xt.shape[1:]), R[:, -1].long(), start, kk)
+
+            return self.memory.get(key, rows, k, compute)
+
+        def compute(R, start, kk):
+            return self._featurize(R, None, start, kk)
+
+        return self.memory.get(key, Xt, k, compute)
+
+    def _check_size(self, n, m):
+        isz = torch.finfo(self.model_.torch_dtype_).bits // 8
+        if self.projection_dim is not None:
+            check_memory(
+                n * m * int(self.projection_dim) * isz,
+                f"Projected features for {n} samples x {m} outputs x projection_dim="
+                f"{self.projection_dim}",
+                hint="Lower projection_dim or fit on fewer samples.",
+            )
+
+    def fit(self, X, y=None):
+        """Store the reference set ``X`` (its gradient factors, or projected features).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, ...)
+        y : array-like of shape (n_samples,), default=None
+            Only used by kernels of the loss (Grad-Cos); defaults to the network's predictions.
+        """
+        self._validate_params()
+        X = self._validate(X, reset=True)
+        self._fit_model(X)
+        self._seed = seed_from_random_state(self.random_state)
+        Xt = self.model_.to_tensor(X)
+        yt = self._labels(Xt, y)
+        m = self._n_out()
+        self._check_size(Xt.shape[0], m)
+        if self.projection_dim is None:
+            self._check_exact_size(Xt)
+            chunks = self._chunks(Xt.shape[0])
+            self.fit_records_ = [
+                self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
+                for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} fit")
+            ]
+            self.fit_diag_ = torch.cat([_grad.self_gram(r, self._mode) for r in self.fit_records_])
+        else:
+            F = self._features(Xt, yt)
+            self.features_ = scale_features(F, int(self.projection_dim))
+            self.fit_diag_ = self._feat_self(self.features_)
+        self.n_fit_ = int(Xt.shape[0])
+        return self
+
+    def _n_out(self):
+        if self._output == "logits":
+            return self.model_.n_outputs_
+        return 1
+
+    def _check_exact_size(self, Xt):
+        recs = self._records(Xt[:1], None if self._output != "loss" else torch.zeros(1, dtype=torch.long, device=Xt.device))
+        per = sum(r.nbytes() for r in recs)
+        check_memory(
+            per * Xt.shape[0],
+            f"Exact gradient factors for {Xt.shape[0]} samples",
+            hint="Use projection_dim=k to store k projected features per output instead.",
+        )
+
+    def _feat_self(self, F):
+        if self._mode == "trace":
+            return (F**2).sum((-1, -2))
+        return torch.einsum("nmk,nok->nmo", F, F)
+
+    def _feat_gram(self, A, B):
+        if self._mode == "trace":
+            return A.flatten(1) @ B.flatten(1).T
+        return torch.einsum("nmk,Nok->nNmo", A, B)
+
+    def _kernel_chunks(self, X):
+        """Yield (i0, i1, K_chunk, diag_chunk) of the unnormalised kernel against the fit set."""
+        Xt = self.model_.to_tensor(X)
+        yt = self._labels(Xt, None)
+        if self.projection_dim is not None:
+            F = scale_features(self._features(Xt, yt), int(self.projection_dim))
+            for i0, i1 in self._chunks(Xt.shape[0]):
+                A = F[i0:i1]
+                yield i0, i1, self._feat_gram(A, self.features_), self._feat_self(A)
+            return
+        chunks = self._chunks(Xt.shape[0])
+        for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} transform"):
+            rx = self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
+            K = torch.cat([_grad.gram(rx, rf, self._mode) for rf in self.fit_records_], dim=1)
+            yield i0, i1, K, _grad.self_gram(rx, self._mode)
+
+    def _normalize(self, K, dx):
+        df = self.fit_diag_
+        if self._mode == "trace":
+            return K / torch.sqrt(torch.clamp(dx[:, None] * df[None, :], min=_EPS))
+        tx = torch.diagonal(dx, dim1=-2, dim2=-1).sum(-1)
+        tf = torch.diagonal(df, dim1=-2, dim2=-1).sum(-1)
+        return K / torch.sqrt(torch.clamp(tx[:, None] * tf[None, :], min=_EPS))[:, :, None, None]
+
+    def _transform_tensor(self, X):
+        parts = []
+        for _, _, K, dx in self._kernel_chunks(X):
+            parts.append(self._normalize(K, dx) if self.normalize else K)
+        return torch.cat(parts)
+
+    def transform(self, X):
+        """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        return self._to_numpy(self._transform_tensor(X))
+
+    def diagonal(self, X):
+        """``K(x, x)`` for each sample (1 when ``normalize=True``), shape (n_samples,)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        out = []
+        for _, _, _, dx in self._kernel_chunks(X):
+            d = dx if self._mode == "trace" else torch.diagonal(dx, dim1=-2, dim2=-1).sum(-1)
+            out.append(torch.ones_like(d) if self.normalize else d)
+        return self._to_numpy(torch.cat(out))
+
+    def feature_map(self, X):
+        """Explicit features Phi(X) with ``Phi(X) Phi(X_fit)^T = K(X, X_fit)`` (projected only).
+
+        Shape (n_samples, m * projection_dim): a linear model on these features is the kernel
+        machine at O(n k) cost, which scales where an n x n kernel matrix does not.
+        """
+        check_is_fitted(self)
+        if self.projection_dim is None:
+            raise ValueError("feature_map needs projection_dim to be set (the exact map is p-dimensional).")
+        X = self._validate(X, reset=False)
+        Xt = self.model_.to_tensor(X)
+        F = scale_features(self._features(Xt, self._labels(Xt, None)), int(self.projection_dim))
+        if self.normalize:
+            F = F / torch.sqrt(torch.clamp((F**2).sum((-1, -2)), min=_EPS))[:, None, None]
+        return self._to_numpy(F.flatten(1))
+
+
+class TraceNTK(_GradientKernel):
+    """Trace neural tangent kernel: ``K(x, x') = sum_c <grad f_c(x), grad f_c(x')>``.
+
+    The eNTK paper's most consistent surrogate kernel.  With ``normalize=True`` (default) the
+    kernel is cosine-normalised with both diagonals, ``K(x, x') / sqrt(K(x, x) K(x', x'))``.
+    With ``projection_dim=k`` the per-class gradients are projected by one seeded random matrix
+    ``P`` (the same for every class): ``sum_c (P grad f_c(x)) . (P grad f_c(x')) / k``.
+
+    Parameters
+    ----------
+    model : TorchModel
+        The network (trained, or wrapped as is).
+    projection_dim : int or None, default=None
+        None computes the exact kernel (structured: no Jacobian is formed for Linear layers).
+    projection : {"rademacher", "gaussian", "sparse", "factored"}, default="rademacher"
+        Kind of random projection, see :mod:`skattr.projection`.
+    normalize : bool, default=True
+    method : {"auto", "structured", "vmap"}, default="auto"
+        Gradient engine; "auto" uses the structured one when every layer with parameters is a
+        Linear, Conv or norm layer, else ``torch.func.vmap(jacrev)``.
+    batch_size : int, default=None
+        Samples per chunk (default: the model's ``batch_size_eval``).
+    memory : FeatureCache, default=None
+        Shared cache of projected features (reused across clones, folds and projection sizes).
+    random_state : int, RandomState instance or None, default=0
+        Seeds the projection.  The same value gives the same kernel for any batch size.
+    verbose : int, default=0
+
+    Attributes
+    ----------
+    model_ : TorchModel
+        A private copy of ``model``.
+    n_fit_ : int
+    fit_diag_ : tensor of shape (n_fit,)
+        ``K(x_j, x_j)`` of the reference samples.
+    features_ : tensor of shape (n_fit, C, projection_dim)
+        Scaled projected features (projected kernels only).
+    fit_records_ : list
+        Per-chunk gradient factors (exact kernels only).
+    n_features_in_ : int
+    input_shape_ : tuple
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import TraceNTK
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> X = torch.randn(10, 4).numpy()
+    >>> K = TraceNTK(TorchModel(net)).fit(X).transform(X[:3])
+    >>> K.shape
+    (3, 10)
+    >>> bool(abs(K[0, 0] - 1) < 1e-5)
+    True
+    """
+
+    _output = "logits"
+    _mode = "trace"
+
+
+class PseudoNTK(TraceNTK):
+    """Pseudo NTK (Mohamadi et al., 2023): the kernel of the gradient of the summed logits.
+
+    ``K(x, x') = <grad sum_c f_c(x), grad sum_c f_c(x')> / C``, cosine-normalised by default.
+    Parameters and attributes as :class:`TraceNTK` (features have one output instead of C).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import PseudoNTK
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> X = torch.randn(10, 4).numpy()
+    >>> PseudoNTK(TorchModel(net), projection_dim=64).fit(X).transform(X).shape
+    (10, 10)
+    """
+
+    _output = "sum_logits"
+
+
+class EmpiricalNTK(TraceNTK):
+    """The full empirical NTK: a C x C block ``<grad f_c(x), grad f_c'(x')>`` per pair.
+
+    As a scalar kernel on (sample, class) pairs, the form vector-valued kernel ridge regression
+    consumes: with ``output="flat"`` (default) ``transform(X)`` has shape
+    ``(n_samples * C, n_fit * C)``, row ``i * C + c`` and column ``j * C + c'`` holding block
+    entry ``(c, c')`` of ``K(x_i, x_j)``; ``KernelRidge(kernel="precomputed")`` fitted on it with
+    the targets ``Y.ravel()`` (``Y`` of shape (n_fit, C)) is the vector-valued kernel machine
+    (:class:`skattr.surrogates.KernelSurrogate` does this for you).  ``output="blocks"`` gives
+    ``(n_samples, n_fit, C, C)``.  With ``normalize=True`` each block is divided by
+    ``sqrt(tr K(x, x) tr K(x', x'))``, so its trace is the normalised trace NTK.
+
+    Parameters
+    ----------
+    output : {"flat", "blocks"}, default="flat"
+    normalize : bool, default=False
+    Other parameters as :class:`TraceNTK`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import EmpiricalNTK
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> X = torch.randn(10, 4).numpy()
+    >>> EmpiricalNTK(TorchModel(net)).fit(X).transform(X[:2]).shape
+    (6, 30)
+    """
+
+    _mode = "full"
+    _parameter_constraints = {
+        **TraceNTK._parameter_constraints,
+        "output": [StrOptions({"flat", "blocks"})],
+    }
+
+    def __init__(
+        self,
+        model,
+        *,
+        output="flat",
+        projection_dim=None,
+        projection="rademacher",
+        normalize=False,
+        method="auto",
+        batch_size=None,
+        memory=None,
+        random_state=0,
+        verbose=0,
+    ):
+        super().__init__(
+            model, projection_dim=projection_dim, projection=projection, normalize=normalize,
+            method=method, batch_size=batch_size, memory=memory, random_state=random_state,
+            verbose=verbose,
+        )
+        self.output = output
+
+    def transform(self, X):
+        """``(n * C, n_fit * C)`` for ``output="flat"``, ``(n, n_fit, C, C)`` for "blocks"."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        K = self._transform_tensor(X)
+        if self.output == "flat":
+            n, nf, C, _ = K.shape
+            K = K.permute(0, 2, 1, 3).reshape(n * C, nf * C)
+        return self._to_numpy(K)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # one row per (sample, class): the sample-count invariants of transformers do not hold
+        tags.non_deterministic = False
+        return tags
+
+
+class GradCosKernel(TraceNTK):
+    """Grad-Cos: the cosine of per-example loss gradients, ``cos(grad l(x), grad l(x'))``.
+
+    The loss is taken at the label given to ``fit`` for the reference set and at the network's
+    predicted label for samples passed to ``transform`` (their labels are unknown in a pipeline).
+    Parameters as :class:`TraceNTK` (``normalize=False`` gives the raw inner product).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import GradCosKernel
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> X, y = torch.randn(10, 4).numpy(), [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    >>> GradCosKernel(TorchModel(net)).fit(X, y).transform(X).shape
+    (10, 10)
+    """
+
+    _output = "loss"
+
+    def _labels(self, Xt, y):
+        model = self.model_
+        if y is None or self.model_.task == "regression" and y is None:
+            if model.task == "regression":
+                raise ValueError("GradCosKernel on a regression model needs y at fit.")
+            z = model.logits(Xt)
+            return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
+        return model._encode_y(np.asarray(y), Xt.shape[0])
+
+
+class EmbeddingKernel(_BaseKernel):
+    """Embedding kernel: cosine (or inner product) of a hidden layer's features.
+
+    By default the features are the input of the network's last ``nn.Linear`` (the penultimate
+    representation).
+
+    Parameters
+    ----------
+    model : TorchModel
+    layer : str, default=None
+        Name of the submodule whose *input* is the embedding (default: the last Linear).
+    normalize : bool, default=True
+    batch_size : int, default=None
+    verbose : int, default=0
+
+    Attributes
+    ----------
+    model_, embeddings_ (tensor (n_fit, d)), n_fit_, n_features_in_, input_shape_
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import EmbeddingKernel
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> X = torch.randn(10, 4).numpy()
+    >>> EmbeddingKernel(TorchModel(net)).fit(X).transform(X[:4]).shape
+    (4, 10)
+    """
+
+    _parameter_constraints = {**_BaseKernel._parameter_constraints, "layer": [str, None]}
+
+    def __init__(self, model, *, layer=None, normalize=True, batch_size=None, verbose=0):
+        self.model = model
+        self.layer = layer
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    def _embed(self, X):
+        E = self.model_.embeddings(X, self.layer)
+        if self.normalize:
+            E = E / torch.clamp(E.norm(dim=1, keepdim=True), min=math.sqrt(_EPS))
+        return E
+
+    def fit(self, X, y=None):
+        """Store the embeddings of the reference set ``X``."""
+        self._validate_params()
+        X = self._validate(X, reset=True)
+        self._fit_model(X)
+        self.embeddings_ = self._embed(X)
+        self.n_fit_ = int(X.shape[0])
+        return self
+
+    def transform(self, X):
+        """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        return self._to_numpy(self._embed(X) @ self.embeddings_.T)
