@@ -14,7 +14,7 @@ import numbers
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -46,6 +46,16 @@ class _BaseKernel(TransformerMixin, BaseEstimator):
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "verbose": ["verbose"],
     }
+
+    def __sklearn_clone__(self):
+        # The network is the fixed object this kernel is *of*, not a sub-estimator to refit:
+        # sklearn's clone would return an unfitted TorchModel and lose the trained weights, so
+        # the model is deep-copied with its weights and every other parameter cloned as usual.
+        params = self.get_params(deep=False)
+        new = {
+            k: copy.deepcopy(v) if k == "model" else clone(v, safe=False) for k, v in params.items()
+        }
+        return type(self)(**new)
 
     def _validate(self, X, reset):
         if not isinstance(self.model, TorchModel):
@@ -101,7 +111,7 @@ class _GradientKernel(_BaseKernel):
         model,
         *,
         projection_dim=None,
-        projection="rademacher",
+        projection="factored",
         normalize=True,
         method="auto",
         batch_size=None,
@@ -310,7 +320,7 @@ class TraceNTK(_GradientKernel):
         The network (trained, or wrapped as is).
     projection_dim : int or None, default=None
         None computes the exact kernel (structured: no Jacobian is formed for Linear layers).
-    projection : {"rademacher", "gaussian", "sparse", "factored"}, default="rademacher"
+    projection : {"factored", "rademacher", "gaussian", "sparse"}, default="factored"
         Kind of random projection, see :mod:`skattr.projection`.
     normalize : bool, default=True
     method : {"auto", "structured", "vmap"}, default="auto"
@@ -419,7 +429,7 @@ class EmpiricalNTK(TraceNTK):
         *,
         output="flat",
         projection_dim=None,
-        projection="rademacher",
+        projection="factored",
         normalize=False,
         method="auto",
         batch_size=None,

@@ -1,0 +1,214 @@
+"""KernelSurrogate: a kernel machine on a network's kernel, fitted to the network's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier
+from sklearn.kernel_ridge import KernelRidge
+from sklearn.linear_model import SGDClassifier
+from sklearn.svm import SVC
+from sklearn.utils.validation import check_is_fitted
+
+from ..estimators.ntk import EmpiricalNTK
+from .fidelity import class_scores, kendall_tau_fidelity
+
+__all__ = ["KernelSurrogate"]
+
+
+def _make_estimator(estimator, random_state):
+    if estimator == "kglm":
+        return SGDClassifier(
+            loss="log_loss", penalty="l2", alpha=1e-4, class_weight="balanced",
+            max_iter=1000, tol=1e-4, random_state=random_state,
+        )
+    if estimator == "svc":
+        return SVC(kernel="precomputed")
+    if estimator == "krr":
+        return KernelRidge(kernel="precomputed", alpha=1e-3)
+    if isinstance(estimator, str):
+        raise ValueError(f"estimator must be 'kglm', 'svc', 'krr' or an sklearn estimator, got {estimator!r}.")
+    return clone(estimator)
+
+
+class KernelSurrogate(ClassifierMixin, BaseEstimator):
+    """A kernel machine ``s(x) = sum_j w_j K(x, x_j) + b`` standing in for a network.
+
+    ``kernel`` (a skattr kernel transformer) is fitted on the training set and the kernel
+    machine ``estimator`` on the train x train kernel matrix.  With ``y=None`` the targets are
+    the network's own outputs (its predicted labels for classifiers; its logits for regressors
+    such as kernel ridge), which is what a *surrogate* of the network should imitate.
+
+    Parameters
+    ----------
+    kernel : skattr kernel transformer
+        E.g. ``TraceNTK(model)``; its ``model`` is the network being imitated.
+    estimator : {"kglm", "svc", "krr"} or sklearn estimator, default="kglm"
+        "kglm": ``SGDClassifier(loss="log_loss", penalty="l2", alpha=1e-4,
+        class_weight="balanced")`` on the kernel matrix used as features (the eNTK paper's kGLM);
+        "svc": ``SVC(kernel="precomputed")``; "krr": ``KernelRidge(kernel="precomputed")``
+        regressing the network's logits.  Any estimator taking the kernel matrix as ``X``.
+    random_state : int, default=0
+        Seeds the kGLM.
+
+    Attributes
+    ----------
+    kernel_ : fitted kernel transformer
+    estimator_ : fitted kernel machine
+    classes_ : ndarray
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sklearn.datasets import load_digits
+    >>> from skattr import TorchModel
+    >>> from skattr.estimators import TraceNTK
+    >>> from skattr.surrogates import KernelSurrogate
+    >>> X, y = load_digits(n_class=2, return_X_y=True)
+    >>> X = (X / 16).astype("float32")
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    >>> model = TorchModel(net, epochs=3, random_state=0).fit(X[:200], y[:200])
+    >>> sur = KernelSurrogate(TraceNTK(model), "svc").fit(X[:200])
+    >>> tau = sur.score(X[200:300], y[200:300])
+    >>> sur.explain(X[200:202]).shape
+    (2, 200)
+    """
+
+    def __init__(self, kernel, estimator="kglm", *, random_state=0):
+        self.kernel = kernel
+        self.estimator = estimator
+        self.random_state = random_state
+
+    @property
+    def model_(self):
+        return self.kernel_.model_
+
+    def _full(self):
+        return isinstance(self.kernel_, EmpiricalNTK)
+
+    def fit(self, X, y=None):
+        """Fit the kernel on ``X`` and the kernel machine on ``K(X, X)``."""
+        if not hasattr(self.kernel, "transform") or not hasattr(self.kernel, "model"):
+            raise TypeError("kernel must be a skattr kernel transformer such as TraceNTK(model).")
+        self.kernel_ = clone(self.kernel)
+        if isinstance(self.kernel_, EmpiricalNTK):
+            self.kernel_.set_params(output="flat")
+        K = self.kernel_.fit(X, y).transform(X)
+        model = self.kernel_.model_
+        self.estimator_ = _make_estimator(self.estimator, self.random_state)
+        classifier = is_classifier(self.estimator_)
+        if model.task == "classification":
+            self.classes_ = model._classes()
+        if self._full() and classifier:
+            raise ValueError(
+                "EmpiricalNTK's (sample, class) kernel needs a regressor such as 'krr': it "
+                "regresses the network's logits class by class."
+            )
+        if classifier:
+            t = model.predict(X) if y is None else np.asarray(y)
+            self.estimator_.fit(K, t)
+        else:
+            if y is None:
+                T = model.logits(X).cpu().numpy()
+            elif model.task == "classification":
+                yy = np.asarray(y)
+                T = (yy[:, None] == self.classes_[None, :]).astype(np.float64)
+                if T.shape[1] == 2 and model.n_outputs_ == 1:
+                    T = T[:, 1:]
+            else:
+                T = np.asarray(y, dtype=np.float64).reshape(len(K) // (model.n_outputs_ if self._full() else 1), -1)
+            self.estimator_.fit(K, T.ravel() if self._full() else T)
+        self.n_features_in_ = self.kernel_.n_features_in_
+        return self
+
+    # ------------------------------------------------------------------ predictions
+    def _outputs(self, X):
+        """Raw surrogate outputs: decision values or regressed logits, (n, C) or (n,)."""
+        K = self.kernel_.transform(X)
+        est = self.estimator_
+        if is_classifier(est):
+            return None, K
+        out = est.predict(K)
+        if self._full():
+            out = out.reshape(-1, self.model_.n_outputs_)
+        return out, K
+
+    def decision_function(self, X):
+        """The kernel machine's decision values (classifiers) or regressed logits."""
+        check_is_fitted(self)
+        out, K = self._outputs(X)
+        if out is not None:
+            return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
+        return self.estimator_.decision_function(K)
+
+    def predict_proba(self, X):
+        """Surrogate class probabilities (softmax of decision values when no predict_proba)."""
+        check_is_fitted(self)
+        out, K = self._outputs(X)
+        if out is None:
+            S = class_scores(self.estimator_, K)
+            if np.ndim(S) == 1:
+                p = 1 / (1 + np.exp(-S))
+                return np.stack([1 - p, p], 1)
+            return S
+        out = np.asarray(out, dtype=np.float64)
+        if out.ndim == 1 or out.shape[1] == 1:
+            p = 1 / (1 + np.exp(-out.reshape(-1)))
+            return np.stack([1 - p, p], 1)
+        return softmax(out, axis=1)
+
+    def predict(self, X):
+        """Surrogate class predictions."""
+        check_is_fitted(self)
+        out, K = self._outputs(X)
+        if out is None:
+            return self.estimator_.predict(K)
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def score(self, X, y=None):
+        """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1)."""
+        check_is_fitted(self)
+        P = self.model_.predict_proba(X)
+        S = self.predict_proba(X)
+        if P.shape[1] == 2:
+            return kendall_tau_fidelity(P[:, 1], S[:, 1])
+        idx = P.argmax(1) if y is None else np.searchsorted(self.classes_, np.asarray(y))
+        return kendall_tau_fidelity(P, S, idx)
+
+    # ------------------------------------------------------------------ explanations
+    def explain(self, X, target=None):
+        """Per-training-example contributions ``w_j K(x, x_j)``, shape (n_samples, n_fit).
+
+        ``target`` is the class (label) whose decision value is explained, default the surrogate's
+        prediction for each sample.  Summed over ``j`` and added to the intercept, the
+        contributions give the surrogate's decision value for that class (for binary
+        classifiers with one decision value, the value for class 1).
+        """
+        check_is_fitted(self)
+        est = self.estimator_
+        K = self.kernel_.transform(X)
+        if self._full():
+            raise NotImplementedError("explain is defined for scalar kernels; use TraceNTK.")
+        n = K.shape[0]
+        if target is None:
+            cls = self.predict(X)
+        else:
+            cls = np.broadcast_to(np.asarray(target), (n,))
+        ci = np.searchsorted(self.classes_, cls) if hasattr(self, "classes_") else np.zeros(n, int)
+        if hasattr(est, "coef_") and np.ndim(est.coef_) == 2 and est.coef_.shape[1] == K.shape[1]:
+            W = est.coef_  # (C or 1, n_fit): linear model on kernel features (kGLM)
+        elif hasattr(est, "dual_coef_") and isinstance(est, KernelRidge):
+            W = np.asarray(est.dual_coef_).reshape(K.shape[1], -1).T
+        elif hasattr(est, "dual_coef_") and hasattr(est, "support_"):
+            if est.dual_coef_.shape[0] != 1:
+                raise NotImplementedError(
+                    "explain for a multi-class SVC (one-vs-one) is not defined; use 'kglm' or 'krr'."
+                )
+            W = np.zeros((1, K.shape[1]))
+            W[0, est.support_] = est.dual_coef_[0]
+        else:
+            raise NotImplementedError(f"explain needs a linear kernel machine, got {type(est).__name__}.")
+        if W.shape[0] == 1:
+            return K * W[0][None, :]
+        return K * W[ci]
