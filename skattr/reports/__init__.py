@@ -1,0 +1,1 @@
+"""End-to-end report sections of the main job (``python -m skattr``)."""
