@@ -6,6 +6,7 @@ import numbers
 import os
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.utils import check_array, check_random_state
 
@@ -38,8 +39,8 @@ def check_input(X, *, name="X", dtype=None, allow_tensor=True):
         if not bool(torch.isfinite(X).all()):
             raise ValueError(f"Input {name} contains NaN or infinity.")
         return X
-    if hasattr(X, "__array__") or isinstance(X, (list, tuple)):
-        pass
+    if hasattr(X, "__array__") or isinstance(X, (list, tuple)) or sp.issparse(X):
+        pass  # check_array rejects sparse input with a message saying so
     else:
         raise TypeError(
             f"Expected {name} to be an array-like or a torch.Tensor, got {type(X).__name__}."
@@ -56,18 +57,22 @@ def check_input(X, *, name="X", dtype=None, allow_tensor=True):
     return X
 
 
-def check_fitted_shape(X, input_shape, *, name="X"):
-    """Raise a clear error when ``X``'s trailing shape differs from the fitted one."""
+def check_fitted_shape(X, input_shape, *, name="X", estimator=None):
+    """Raise a clear error when ``X``'s trailing shape differs from the fitted one.
+
+    ``estimator`` (a name) appears in the message, worded as scikit-learn words it.
+    """
     shape = tuple(X.shape[1:])
+    est = estimator or "this estimator"
     if shape != tuple(input_shape):
         n = int(np.prod(shape)) if shape else 0
         if len(shape) == 1 and len(input_shape) == 1:
             raise ValueError(
-                f"{name} has {shape[0]} features, but this estimator was fitted with "
-                f"{input_shape[0]} features (trailing shape {tuple(input_shape)})."
+                f"{name} has {shape[0]} features, but {est} is expecting "
+                f"{input_shape[0]} features as input (fitted trailing shape {tuple(input_shape)})."
             )
         raise ValueError(
-            f"{name} has trailing shape {shape} ({n} values per sample), but this estimator "
+            f"{name} has trailing shape {shape} ({n} values per sample), but {est} "
             f"was fitted with trailing shape {tuple(input_shape)}."
         )
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils import ClassifierTags, RegressorTags
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
@@ -187,15 +189,19 @@ class TorchModel(BaseEstimator):
         """Validate ``X`` and convert it to a tensor on the model's device and dtype."""
         X = check_input(X, name=name)
         if hasattr(self, "input_shape_"):
-            check_fitted_shape(X, self.input_shape_, name=name)
+            check_fitted_shape(X, self.input_shape_, name=name, estimator=type(self).__name__)
         if isinstance(X, torch.Tensor):
             return X.to(device=self.device_, dtype=self.torch_dtype_)
         return torch.as_tensor(np.ascontiguousarray(X), dtype=self.torch_dtype_, device=self.device_)
 
     def _materialise(self, net, X):
+        # Lazy parameters are created in the model's dtype/device and initialised from
+        # ``random_state``, so an unfitted lazy module materialises to the same weights every time.
         if _has_lazy(net):
-            with torch.no_grad():
-                net.eval()(X[:1])
+            net.to(device=self.device_, dtype=self.torch_dtype_)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_from_random_state(self.random_state))
+                net.eval()(X[:1].to(device=self.device_, dtype=self.torch_dtype_))
 
     def _encode_y(self, y, n):
         y = np.asarray(y)
@@ -266,7 +272,8 @@ class TorchModel(BaseEstimator):
             z = net.eval()(Xt[: min(2, len(Xt))])
         self._n_outputs = 1 if z.ndim == 1 else int(z.shape[-1])
         if self.task == "classification":
-            y = np.asarray(y)
+            y = column_or_1d(y, warn=True)
+            check_classification_targets(y)
             self.classes_ = np.unique(y)
             need = len(self.classes_) if self._n_outputs > 1 else 2
             if self._n_outputs > 1 and self._n_outputs < len(self.classes_) or (
@@ -481,8 +488,15 @@ class TorchModel(BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.estimator_type = "classifier" if self.task == "classification" else "regressor"
+        if self.task == "classification":
+            tags.estimator_type = "classifier"
+            tags.classifier_tags = ClassifierTags()
+        else:
+            tags.estimator_type = "regressor"
+            tags.regressor_tags = RegressorTags()
         tags.non_deterministic = False
+        # A wrapped (pretrained) module is usable without fit.
+        tags.requires_fit = False
         return tags
 
 

@@ -69,7 +69,7 @@ class _BaseKernel(TransformerMixin, BaseEstimator):
             self.input_shape_ = tuple(X.shape[1:])
         else:
             check_is_fitted(self)
-            check_fitted_shape(X, self.input_shape_)
+            check_fitted_shape(X, self.input_shape_, estimator=type(self).__name__)
         return X
 
     def _fit_model(self, X):

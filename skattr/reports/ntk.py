@@ -60,7 +60,7 @@ def _kernels(model, n_classes, dims, cache, quick):
         ("embedding", EmbeddingKernel(model)),
         ("Grad-Cos", GradCosKernel(model)),
     ]
-    if n_classes == 2:
+    if n_classes == 2 or not quick:
         exact.append(("eNTK (full)", EmpiricalNTK(model)))
     proj = []
     for k in dims:

@@ -108,6 +108,8 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         if classifier:
             t = model.predict(X) if y is None else np.asarray(y)
             self.estimator_.fit(K, t)
+            # the kernel machine's own classes (those of the targets it was fitted on)
+            self.classes_ = self.estimator_.classes_
         else:
             if y is None:
                 T = model.logits(X).cpu().numpy()
@@ -121,6 +123,12 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             self.estimator_.fit(K, T.ravel() if self._full() else T)
         self.n_features_in_ = self.kernel_.n_features_in_
         return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # y defaults to the network's own outputs
+        tags.target_tags.required = False
+        return tags
 
     # ------------------------------------------------------------------ predictions
     def _outputs(self, X):
@@ -169,8 +177,8 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
     def score(self, X, y=None):
         """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1)."""
         check_is_fitted(self)
+        S = self.predict_proba(X)  # first: validates X against the fitted kernel
         P = self.model_.predict_proba(X)
-        S = self.predict_proba(X)
         if P.shape[1] == 2:
             return kendall_tau_fidelity(P[:, 1], S[:, 1])
         idx = P.argmax(1) if y is None else np.searchsorted(self.classes_, np.asarray(y))
