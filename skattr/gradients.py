@@ -51,11 +51,24 @@ class KronRecord:
     def n_params(self):
         return self.a.shape[-1] * self.d.shape[-1]
 
-    def dense(self):
-        """The per-example gradients, (n, m, d_out * d_in), row-major like ``W`` then ``b``."""
-        n, L, m, do = self.d.shape
-        g = torch.einsum("nlmo,nli->nmoi", self.d, self.a)
-        return _kron_to_param_order(g, self.key)
+    def dense(self, cache=False):
+        """The per-example gradients, (n, m, d_out * d_in); the bias, if any, is the last column
+        of each row (see :func:`flatten` for parameter order).
+
+        With ``cache=True`` the result is kept on the record (used for stored reference sets of
+        shared-weight layers, whose kernel needs the gradient once per transform chunk).
+        """
+        g = getattr(self, "_dense", None)
+        if g is not None:
+            return g
+        if self.a.shape[1] == 1:
+            g = self.d[:, 0, :, :, None] * self.a[:, 0, None, None, :]
+        else:
+            g = torch.einsum("nlmo,nli->nmoi", self.d, self.a)
+        g = g.flatten(2)  # (n, m, d_out * d_in): W row-major with the bias as a last column
+        if cache:
+            self._dense = g
+        return g
 
     def nbytes(self):
         return (self.a.numel() + self.d.numel()) * self.a.element_size()
@@ -78,7 +91,7 @@ class DenseRecord:
     def n_params(self):
         return self.g.shape[-1]
 
-    def dense(self):
+    def dense(self, cache=False):
         return self.g
 
     def nbytes(self):
@@ -315,7 +328,7 @@ def gram(rx, ry, mode="trace"):
             else:
                 term = AA[:, :, None, None] * torch.einsum("nmo,Npo->nNmp", a.d[:, 0], b.d[:, 0])
         else:
-            ga, gb = a.dense(), b.dense()
+            ga, gb = a.dense(cache=True), b.dense(cache=True)
             if mode == "trace":
                 term = ga.flatten(1) @ gb.flatten(1).T
             else:
@@ -335,7 +348,7 @@ def self_gram(rx, mode="trace"):
             else:
                 term = aa[:, None, None] * torch.einsum("nmo,npo->nmp", a.d[:, 0], a.d[:, 0])
         else:
-            g = a.dense()
+            g = a.dense(cache=True)
             term = (g**2).sum((-1, -2)) if mode == "trace" else torch.einsum("nmp,nop->nmo", g, g)
         K = term if K is None else K + term
     return K
@@ -357,4 +370,10 @@ def project(records, projector, out=None):
 
 def flatten(records):
     """Per-example gradients (n, m, p), parameters in module order (weight before bias)."""
-    return torch.cat([r.dense() for r in records], dim=-1)
+    parts = []
+    for r in records:
+        g = r.dense()
+        if isinstance(r, KronRecord):
+            g = _kron_to_param_order(g.reshape(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), r.key)
+        parts.append(g)
+    return torch.cat(parts, dim=-1)
