@@ -1,4 +1,4 @@
-"""``python -m skattr``: the end-to-end report on sklearn's digits (no download).
+"""python -m skattr: the end-to-end report on sklearn's digits (no download).
 
 Sections (``--sections``): ``ntk`` (approximate eNTK kernels and kernel-machine surrogates),
 ``trak`` (TRAK, LDS, concept attribution) and ``loss`` (the loss kernel), when installed.

@@ -73,6 +73,12 @@ class KronRecord:
     def nbytes(self):
         return (self.a.numel() + self.d.numel()) * self.a.element_size()
 
+    def dense_nbytes(self):
+        """Bytes of the dense gradients a kernel keeps for shared-weight layers (0 otherwise)."""
+        if self.a.shape[1] == 1:
+            return 0
+        return self.d.shape[0] * self.d.shape[2] * self.n_params * self.a.element_size()
+
 
 def _kron_to_param_order(g, key):
     # g: (n, m, d_out, d_in[+1]); return weight entries (row-major) then bias entries.
@@ -96,6 +102,9 @@ class DenseRecord:
 
     def nbytes(self):
         return self.g.numel() * self.g.element_size()
+
+    def dense_nbytes(self):
+        return 0
 
 
 # ----------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ class TorchModel(BaseEstimator):
         for name in ("epochs", "batch_size", "batch_size_eval"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < (0 if name == "epochs" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+                kind = "a non-negative" if name == "epochs" else "a positive"
+                raise ValueError(f"{name} must be {kind} integer, got {v!r}.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}.")
 
@@ -411,8 +412,8 @@ class TorchModel(BaseEstimator):
             raise ValueError("The module has no nn.Linear layer; pass layer= explicitly.")
         return names[-1]
 
-    def embeddings(self, X, layer=None):
-        """Inputs of the last Linear layer (or of ``layer``), flattened to (n, d)."""
+    def embeddings(self, X, layer=None, batch_size=None):
+        """Inputs of the last Linear layer (or of ``layer``), flattened: a tensor (n, d)."""
         net, Xt = self._ready(X)
         layer = layer or self.embedding_layer()
         mods = dict(net.named_modules())
@@ -422,7 +423,7 @@ class TorchModel(BaseEstimator):
         h = mods[layer].register_forward_hook(lambda m, i, o: store.append(i[0].detach()))
         try:
             with torch.no_grad():
-                for _, xb in self._batches(Xt):
+                for _, xb in self._batches(Xt, batch_size):
                     net(xb)
         finally:
             h.remove()
@@ -442,6 +443,8 @@ class TorchModel(BaseEstimator):
         yt = None
         if y is not None:
             yt = self._encode_y(y, Xt.shape[0])
+        elif output == "loss" and self.task == "regression":
+            raise ValueError("Gradients of the loss of a regression model need the targets y.")
         elif output in ("loss", "margin") and self.task == "classification":
             yt = self.logits(Xt).argmax(1) if self.n_outputs_ > 1 else (self.logits(Xt)[:, 0] > 0).long()
         for i, xb in self._batches(Xt, batch_size):

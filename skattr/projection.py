@@ -29,8 +29,13 @@ Kinds
     (v_r . a_s)``, computed from the (input, output-gradient) pair without forming the gradient.
     Cost ``O(k (d_in + d_out))`` per example and layer.  Its variance is higher (for ``g = g'``,
     ``Var = 8|g|^4`` instead of ``2|g|^4`` for a Gaussian row), so it needs about 4x the rows for
-    the same accuracy; it is much faster for wide layers.  Other parameters (biases, norms) use
-    Gaussian rows.
+    the same accuracy; it is much faster for wide layers.  A Linear/Conv bias whose weight is
+    selected too is folded in as a last input column of ones; other parameters (norm layers, a
+    bias alone) and every parameter under the ``vmap`` engine use Gaussian rows.
+
+Projected features depend on the gradient engine: the structured engine groups a layer's weight
+and bias under one key, the ``vmap`` engine keys each parameter separately, so the two engines
+draw different (equally valid) projections from the same ``random_state``.
 """
 
 from __future__ import annotations

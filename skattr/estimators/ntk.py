@@ -205,7 +205,7 @@ class _GradientKernel(_BaseKernel):
         m = self._n_out()
         self._check_size(Xt.shape[0], m)
         if self.projection_dim is None:
-            self._check_exact_size(Xt)
+            self._check_exact_size(Xt, yt)
             chunks = self._chunks(Xt.shape[0])
             self.fit_records_ = [
                 self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
@@ -224,9 +224,10 @@ class _GradientKernel(_BaseKernel):
             return self.model_.n_outputs_
         return 1
 
-    def _check_exact_size(self, Xt):
-        recs = self._records(Xt[:1], None if self._output != "loss" else torch.zeros(1, dtype=torch.long, device=Xt.device))
-        per = sum(r.nbytes() for r in recs)
+    def _check_exact_size(self, Xt, yt):
+        recs = self._records(Xt[:1], None if yt is None else yt[:1])
+        # factors, plus the dense gradients kept for shared-weight (Conv) layers
+        per = sum(r.nbytes() + r.dense_nbytes() for r in recs)
         check_memory(
             per * Xt.shape[0],
             f"Exact gradient factors for {Xt.shape[0]} samples",
@@ -483,9 +484,14 @@ class GradCosKernel(TraceNTK):
 
     def _labels(self, Xt, y):
         model = self.model_
-        if y is None or self.model_.task == "regression" and y is None:
-            if model.task == "regression":
-                raise ValueError("GradCosKernel on a regression model needs y at fit.")
+        if model.task == "regression":
+            # At a regression model's own prediction the loss gradient is zero: there is no
+            # label to take for new samples, so the cosine would be undefined.
+            raise ValueError(
+                "GradCosKernel needs a classification model: for regression the loss gradient at "
+                "the model's own prediction (used for samples passed to transform) is zero."
+            )
+        if y is None:
             z = model.logits(Xt)
             return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
         return model._encode_y(np.asarray(y), Xt.shape[0])
@@ -531,7 +537,7 @@ class EmbeddingKernel(_BaseKernel):
         self.verbose = verbose
 
     def _embed(self, X):
-        E = self.model_.embeddings(X, self.layer)
+        E = self.model_.embeddings(X, self.layer, batch_size=self.batch_size)
         if self.normalize:
             E = E / torch.clamp(E.norm(dim=1, keepdim=True), min=math.sqrt(_EPS))
         return E
