@@ -111,7 +111,7 @@ def _batches(X, y, batch_size):
 
 def traker_featurize(module, X, y, proj_dim, batch_size=256, save_dir=None,
                      proj_type="rademacher", seed=0, block_size=100,
-                     unnormalize=False, logging_level=logging.WARNING):
+                     unnormalize=False, logging_level=logging.WARNING, timings=None):
     """Featurise (X, y) with traker on CPU for a trained ``nn.Module`` classifier.
 
     Returns ``(features, seconds)`` where ``features`` is an ``(n, proj_dim)``
@@ -119,13 +119,19 @@ def traker_featurize(module, X, y, proj_dim, batch_size=256, save_dir=None,
     multiclass margin ``log p_y/(1-p_y)`` (as stored by traker, i.e. divided by
     ``sqrt(n_params)`` unless ``unnormalize=True``) and ``seconds`` is the
     wall time of the ``load_checkpoint`` + ``featurize`` calls only (TRAKer /
-    projector construction excluded).
+    projector construction excluded).  If ``timings`` is a dict, it receives
+    ``setup_s``, the wall time of that construction (which, with
+    ``block_size >= proj_dim``, includes generating the whole projection
+    matrix once).
     """
     X, y = _as_tensors(X, y)
     n = X.shape[0]
     with _save_dir_ctx(save_dir) as d:
+        t_setup = time.perf_counter()
         traker, _ = _make_traker(module, n, proj_dim, d, proj_type, seed,
                                  block_size, logging_level)
+        if timings is not None:
+            timings["setup_s"] = time.perf_counter() - t_setup
         ckpt = {k: v.detach().clone() for k, v in module.state_dict().items()}
         t0 = time.perf_counter()
         traker.load_checkpoint(ckpt, model_id=0)

@@ -116,7 +116,7 @@ def make_fidelity_scorer(model):
     >>> pipe = make_pipeline(TraceNTK(model, projection_dim=64), SVC(kernel="precomputed"))
     >>> search = GridSearchCV(pipe, {"tracentk__projection_dim": [32, 64]}, cv=2,
     ...                       scoring=make_fidelity_scorer(model)).fit(X, y)
-    >>> -1 <= search.best_score_ <= 1
+    >>> bool(-1 <= search.best_score_ <= 1)
     True
     """
 

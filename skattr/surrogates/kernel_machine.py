@@ -8,7 +8,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import SGDClassifier
 from sklearn.svm import SVC
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ..estimators.ntk import EmpiricalNTK
 from .fidelity import class_scores, kendall_tau_fidelity
@@ -114,10 +115,27 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             if y is None:
                 T = model.logits(X).cpu().numpy()
             elif model.task == "classification":
-                yy = np.asarray(y)
+                yy = column_or_1d(y, warn=True)
+                check_classification_targets(yy)
+                if self._full():
+                    model._encode_y(yy, K.shape[0] // model.n_outputs_)  # labels must be the network's
+                else:
+                    # a regressor on label indicators: the classes are those of y
+                    self.classes_ = np.unique(yy)
+                    if len(self.classes_) < 2:
+                        raise ValueError(
+                            f"y contains only one class ({self.classes_[0]}); a surrogate "
+                            "needs at least two classes."
+                        )
+                    if len(yy) != K.shape[0]:
+                        raise ValueError(
+                            f"X and y have inconsistent numbers of samples: {K.shape[0]} and {len(yy)}."
+                        )
                 T = (yy[:, None] == self.classes_[None, :]).astype(np.float64)
-                if T.shape[1] == 2 and model.n_outputs_ == 1:
-                    T = T[:, 1:]
+                if T.shape[1] == 2 and (not self._full() or model.n_outputs_ == 1):
+                    # binary: one output, +1 for classes_[1] and -1 for classes_[0], so that
+                    # decision > 0 <=> classes_[1] (as sklearn's binary decision_function)
+                    T = 2.0 * T[:, 1:] - 1.0
             else:
                 T = np.asarray(y, dtype=np.float64).reshape(len(K) // (model.n_outputs_ if self._full() else 1), -1)
             self.estimator_.fit(K, T.ravel() if self._full() else T)

@@ -1,0 +1,255 @@
+"""Loss-kernel experiments (issue 5): the tables of benchmarks/README_loss_kernel.md.
+
+Sections (``--sections``, default all):
+
+- ``closed``: linear regression with a Gaussian local posterior: relative error of the streamed
+  loss covariance against the closed form as draws grow, and of the sampler's parameter
+  covariance against the exact stationary law of the discretised chain.
+- ``multitask``: spectral clustering of the kernel recovers the tasks (ARI), 5 seeds, rows in
+  task order and interleaved.
+- ``hierarchy``: Spearman correlation between class-mean kernel similarity and tree distance, on
+  the synthetic hierarchy and on digits (visual grouping ``skattr.datasets.DIGIT_GROUPS``), with
+  seeds; sensitivity to the localisation γ and the inverse temperature nβ.
+- ``mislabel``: digits with 10% flipped labels: detection AUC of kernel-based scores next to the
+  per-example-loss baseline.
+
+Run::
+
+    python benchmarks/loss_kernel_experiments.py            # everything (about 15 min, 1 thread)
+    python benchmarks/loss_kernel_experiments.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import print_table  # noqa: E402
+
+from skattr import TorchModel  # noqa: E402
+from skattr.datasets import (  # noqa: E402
+    digit_groups_distance,
+    flip_labels,
+    load_digits_images,
+    make_hierarchy,
+    make_multitask,
+)
+from skattr.estimators.loss_kernel import LossKernel  # noqa: E402
+from skattr.reports.loss_kernel import (  # noqa: E402
+    MULTITASK_SGLD,
+    class_similarity,
+    cluster_ari,
+    mislabel_scores,
+    spearman_vs_tree,
+    train_mlp,
+)
+
+
+def _mean_sd(v):
+    v = np.asarray(v, dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}"
+
+
+# ------------------------------------------------------------------------------ (1)
+def closed_form(args):
+    from torch import nn
+
+    from skattr.sampling import LocalPosterior, SGLDSettings, chain_seeds, run_chain
+
+    rows, prow = [], []
+    nbeta, gamma, eps = 20.0, 5.0, 0.05
+    draws_list = [50, 200, 1000] if args.quick else [50, 200, 1000, 4000]
+    for seed in args.seeds[:3]:
+        rng = np.random.default_rng(seed)
+        n, d = 10, 3
+        X = rng.normal(size=(n, d))
+        y = X @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+        w = np.linalg.lstsq(X, y, rcond=None)[0]
+        net = nn.Linear(d, 1, bias=False).double()
+        with torch.no_grad():
+            net.weight.copy_(torch.as_tensor(w)[None])
+        model = TorchModel(net, task="regression", dtype="float64", device="cpu")
+        A = nbeta * X.T @ X / n + gamma * np.eye(d)
+        Sig = np.linalg.inv(A - eps * A @ A / 4)  # exact law of the discretised chain
+        Sig0 = np.linalg.inv(A)  # continuous-time target
+        C = X @ Sig @ X.T
+        m = X @ w - y
+        K_true = 0.5 * C**2 + np.outer(m, m) * C
+        errs = []
+        for nd in draws_list:
+            lk = LossKernel(model, kind="covariance", n_chains=2, n_draws=nd, burn_in=50, thin=1,
+                            step_size=eps, localization=gamma, nbeta=nbeta, batch_size=n,
+                            keep=None, random_state=seed).fit(X, y)
+            errs.append(np.linalg.norm(lk.kernel_ - K_true) / np.linalg.norm(K_true))
+        rows.append([seed] + errs)
+        post = LocalPosterior(model, torch.as_tensor(X), model._encode_y(y, n))
+        s = SGLDSettings(step_size=eps, localization=gamma, nbeta=nbeta, n_draws=draws_list[-1],
+                         burn_in=50, thin=1, batch_size=n)
+        W = np.vstack([run_chain(post, s, c, keep_draws=True).draws
+                       for c in chain_seeds(seed, 2)]).astype(float)
+        prow.append([seed, np.linalg.norm(W.mean(0) - w) / np.linalg.norm(np.sqrt(np.diag(Sig))),
+                     np.linalg.norm(np.cov(W.T) - Sig) / np.linalg.norm(Sig),
+                     np.linalg.norm(Sig - Sig0) / np.linalg.norm(Sig0)])
+    print_table(rows, ["seed"] + [f"{2 * nd} draws" for nd in draws_list],
+                title="(1a) Linear regression, Gaussian local posterior: |K_hat - K| / |K| of the "
+                      "streamed loss covariance (2 chains, eps=0.05, gamma=5, nbeta=20)")
+    print_table(prow, ["seed", "rel. error of the mean (in sd)", "rel. Frobenius error of Cov vs Sigma_eps",
+                       "Sigma_eps vs A^-1 (discretisation bias)"],
+                title=f"(1b) Sampler stationary law on the quadratic loss ({2 * draws_list[-1]} "
+                      "draws): parameter mean and covariance vs the exact law of the chain")
+
+
+# ------------------------------------------------------------------------------ (2)
+def multitask(args):
+    rows = []
+    sg = dict(MULTITASK_SGLD)
+    n = 400 if args.quick else 800
+    if args.quick:
+        sg.update(n_chains=2, n_draws=100)
+    for seed in args.seeds:
+        for inter in (False, True):
+            X, y, task = make_multitask(n, n_tasks=4, n_bits=8, k=2, interleave=inter,
+                                        random_state=seed)
+            model = train_mlp(X, y, 8, epochs=60, seed=seed)
+            t = time.perf_counter()
+            lk = LossKernel(model, **sg, random_state=seed).fit(X, y)
+            secs = time.perf_counter() - t
+            K = lk.kernel_
+            a_abs, _ = cluster_ari(np.abs(K), task, 4)
+            a_clip, _ = cluster_ari(np.clip(K, 0, None), task, 4)
+            T = task[:, None] == task[None, :]
+            rows.append([seed, "interleaved" if inter else "by task", model.score(X, y),
+                         np.abs(K[T & ~np.eye(n, dtype=bool)]).mean(), np.abs(K[~T]).mean(),
+                         a_abs, a_clip, secs])
+            print(f"  multitask seed {seed} {'interleaved' if inter else 'ordered'}: "
+                  f"ARI |K| {a_abs:.3f}", flush=True)
+    print_table(rows, ["seed", "row order", "train acc", "mean abs(K) same task",
+                       "mean abs(K) across tasks", "ARI (abs K)", "ARI (max(K,0))", "LossKernel s"],
+                title=f"(2) Multitask sparse parity (4 tasks x 8 bits, k=2, {n} points, MLP "
+                      f"{'-'.join(['36', '128', '8'])}); SGLD {sg}")
+    for order in ("by task", "interleaved"):
+        v = [r[5] for r in rows if r[1] == order]
+        print(f"ARI (abs K) {order}: {_mean_sd(v)}, min {min(v):.3f} over seeds {args.seeds}")
+
+
+# ------------------------------------------------------------------------------ (3)
+def hierarchy(args):
+    rows = []
+    n = 450
+    sg = dict(n_chains=4, n_draws=100 if args.quick else 200, burn_in=100, thin=5,
+              step_size=1e-3, localization=100.0)
+    for seed in args.seeds:
+        X, y, D = make_hierarchy(n, (3, 3), 20, scales=(2.0, 0.7), noise=1.0, random_state=seed)
+        model = train_mlp(X, y, 9, epochs=30, seed=seed)
+        lk = LossKernel(model, **sg, random_state=seed).fit(X, y)
+        S = class_similarity(lk.kernel_, y, 9)
+        Sa = class_similarity(np.abs(lk.kernel_), y, 9)
+        rows.append(["synthetic 3x3", seed, model.score(X, y), spearman_vs_tree(S, D),
+                     spearman_vs_tree(Sa, D), S[D == 2].mean(), S[D == 4].mean()])
+        print(f"  hierarchy seed {seed} done", flush=True)
+    Xd, yd = load_digits_images(as_images=False)
+    Dd = digit_groups_distance()
+    for seed in args.seeds:
+        model = train_mlp(Xd, yd, 10, epochs=10, batch_size=64, seed=seed)
+        idx = np.sort(np.random.RandomState(seed).choice(len(Xd), 600, replace=False))
+        lk = LossKernel(model, **{**sg, "n_chains": 2 if args.quick else 4}, random_state=seed)
+        lk.fit(Xd[idx], yd[idx], X_sample=Xd, y_sample=yd)
+        S = class_similarity(lk.kernel_, yd[idx], 10)
+        Sa = class_similarity(np.abs(lk.kernel_), yd[idx], 10)
+        rows.append(["digits (visual groups)", seed, model.score(Xd, yd), spearman_vs_tree(S, Dd),
+                     spearman_vs_tree(Sa, Dd), S[Dd == 2].mean(), S[Dd == 4].mean()])
+        print(f"  digits seed {seed} done", flush=True)
+    print_table(rows, ["data", "seed", "train acc", "Spearman(mean K, dist)",
+                       "Spearman(mean abs K, dist)", "mean K siblings", "mean K cousins"],
+                title=f"(3a) Class-mean kernel similarity vs tree distance; SGLD {sg}")
+    for data in ("synthetic 3x3", "digits (visual groups)"):
+        a = [r[3] for r in rows if r[0] == data]
+        b = [r[4] for r in rows if r[0] == data]
+        print(f"{data}: Spearman signed {_mean_sd(a)}, |K| {_mean_sd(b)}")
+
+    # sensitivity to gamma and nbeta (synthetic hierarchy, seed 0)
+    X, y, D = make_hierarchy(n, (3, 3), 20, scales=(2.0, 0.7), noise=1.0, random_state=0)
+    model = train_mlp(X, y, 9, epochs=30, seed=0)
+    srows = []
+    for gamma in (10.0, 100.0, 1000.0):
+        for nbeta in (10.0, None, 300.0):
+            lk = LossKernel(model, **{**sg, "n_chains": 2, "n_draws": 100, "localization": gamma,
+                                      "nbeta": nbeta}, random_state=0).fit(X, y)
+            S = class_similarity(lk.kernel_, y, 9)
+            Sa = class_similarity(np.abs(lk.kernel_), y, 9)
+            same = y[:, None] == y[None, :]
+            off = ~np.eye(n, dtype=bool)
+            srows.append([gamma, f"{lk.nbeta_:.1f}" + (" (m/ln m)" if nbeta is None else ""),
+                          f"{lk.init_loss_:.3g} -> {np.nanmean(lk.draw_losses_):.3g}",
+                          lk.kernel_[same & off].mean(), lk.kernel_[~same].mean(),
+                          spearman_vs_tree(S, D), spearman_vs_tree(Sa, D)])
+    print_table(srows, ["gamma", "nbeta", "loss w* -> draws", "mean K same class",
+                        "mean K other class", "Spearman(K)", "Spearman(abs K)"],
+                title="(3b) Sensitivity to localisation gamma and inverse temperature nbeta "
+                      "(synthetic hierarchy, seed 0, 2 chains x 100 draws)")
+
+
+# ------------------------------------------------------------------------------ (4)
+def mislabel(args):
+    from sklearn.metrics import roc_auc_score
+
+    X, y = load_digits_images(as_images=False)
+    rows = []
+    sg = dict(n_chains=2 if args.quick else 4, n_draws=100 if args.quick else 150, burn_in=100,
+              thin=5, step_size=1e-3, localization=100.0)
+    names = None
+    for epochs in args.mislabel_epochs:
+        for seed in args.seeds:
+            yn, flipped = flip_labels(y, 0.1, random_state=seed)
+            model = train_mlp(X, yn, 10, epochs=epochs, batch_size=64, seed=seed)
+            lk = LossKernel(model, kind="correlation", **sg, random_state=seed).fit(X, yn)
+            loss = model.per_example_loss(X, yn)
+            sc = mislabel_scores(lk, yn, loss)
+            names = list(sc)
+            rows.append([epochs, seed, model.score(X, yn), model.score(X, y)]
+                        + [roc_auc_score(flipped, sc[k]) for k in names])
+            print(f"  mislabel epochs {epochs} seed {seed} done", flush=True)
+    print_table(rows, ["epochs", "seed", "acc (noisy labels)", "acc (true labels)"]
+                + [f"AUC {k}" for k in names],
+                title=f"(4) Digits, 10% labels flipped ({len(X)} points, MLP 64-128-10): "
+                      f"mislabel detection AUC; SGLD {sg}")
+    for epochs in args.mislabel_epochs:
+        sub = [r for r in rows if r[0] == epochs]
+        print(f"{epochs} epochs: " + "; ".join(
+            f"AUC {k} {_mean_sd([r[4 + j] for r in sub])}" for j, k in enumerate(names)))
+
+
+SECTIONS = {"closed": closed_form, "multitask": multitask, "hierarchy": hierarchy,
+            "mislabel": mislabel}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mislabel-epochs", default="30,200",
+                   help="training epochs on the noisy labels (comma-separated regimes)")
+    args = p.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.mislabel_epochs = [int(e) for e in str(args.mislabel_epochs).split(",")]
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    print(f"== loss-kernel experiments == torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, seeds {args.seeds}{', quick' if args.quick else ''}")
+    for name in args.sections.split(","):
+        t = time.perf_counter()
+        SECTIONS[name.strip()](args)
+        print(f"[{name}: {time.perf_counter() - t:.0f} s]\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
