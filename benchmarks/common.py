@@ -99,7 +99,7 @@ class _Img(nn.Module):
 
 
 def make_cnn(seed: int = 0) -> nn.Module:
-    """Small CNN on 8x8 digits: Conv2d 1->16->32 (3x3, padding 1) + Linear 2048->10 (25,610 params)."""
+    """Small CNN on 8x8 digits: Conv2d 1->16->32 (3x3, padding 1) + Linear 2048->10 (25,290 params)."""
     torch.manual_seed(seed)
     return nn.Sequential(
         _Img(),
