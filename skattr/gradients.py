@@ -169,7 +169,7 @@ def _selected(module, prefixes):
 
 def structured_support(module, prefixes=None):
     """``None`` if the structured engine handles ``module``, else the reason it does not."""
-    for mname, (mod, names) in _selected(module, prefixes).items():
+    for mname, (mod, _names) in _selected(module, prefixes).items():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 return f"{mname}: Conv with groups/padding mode/str padding"
