@@ -1,7 +1,7 @@
 """TRAK speed and memory: skattr vs the ``traker`` package (MadryLab TRAK) on CPU, one process.
 
-1. Featurise + score, same model (MLP 64-256-256-10, 85,002 parameters), same digits data, same
-   projection_dim, one model: wall time of traker's full pipeline (``load_checkpoint`` ->
+1. Featurise + score, same model (MLP 64-256-256-10, 85,002 parameters, and a small CNN),
+   same digits data (1,500 training, 297 test), same projection_dim, one model: wall time of traker's full pipeline (``load_checkpoint`` ->
    ``featurize`` -> ``finalize_features`` -> ``score`` -> ``finalize_scores``) against skattr's
    ``TRAK(model, projection_dim=k).fit(X_train, y_train).attribute(X_test, y_test)``, printed as a
    ratio.  traker runs in two CPU configurations: its default ``BasicProjector`` (Gaussian,
@@ -14,7 +14,7 @@
 
 Usage::
 
-    python benchmarks/bench_trak.py                    # both parts (about 10 min on 2 busy cores)
+    python benchmarks/bench_trak.py                    # both parts (about 10 min)
     python benchmarks/bench_trak.py --quick            # smoke run
     python benchmarks/bench_trak.py --part speed       # or --part memory
 """
@@ -34,7 +34,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_common_args, load_digits_data, make_mlp, print_table, setup, train  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args,
+    load_digits_data,
+    make_cnn,
+    make_mlp,
+    n_params,
+    print_table,
+    setup,
+    train,
+)
 
 from skattr import TorchModel  # noqa: E402
 from skattr.estimators.trak import TRAK  # noqa: E402
@@ -135,6 +144,7 @@ class _nullctx:
 
 
 def traker_scores(module, Xtr, ytr, Xte, yte, proj_dim, block_size=None, proj_type="normal"):
+    """traker's pipeline for one model: ``(scores (n_test, n_train), seconds)``."""
     out, sec = traker_ensemble([module], Xtr, ytr, Xte, yte, proj_dim, block_size=block_size,
                                proj_type=proj_type)
     return out[1], sec
@@ -148,46 +158,47 @@ def skattr_scores(model, Xtr, ytr, Xte, yte, k, projection):
 def speed(args):
     X, y = load_digits_data()
     n_tr, n_te = (128, 32) if args.quick else (args.n_train, args.n_test)
-    Xtr, ytr, Xte, yte = X[:n_tr], y[:n_tr], X[1500:1500 + n_te], y[1500:1500 + n_te]
-    net = make_mlp(0)
-    model, acc = train(net, X[:1000], y[:1000], epochs=args.epochs)
-    module = model.module_
-    print(f"MLP 64-256-256-10 trained on 1,000 digits (train acc {acc:.3f}); "
-          f"n_train {n_tr}, n_test {n_te}")
+    Xtr, ytr, Xte, yte = X[:n_tr], y[:n_tr], X[-n_te:], y[-n_te:]
     dims = [512] if args.quick else args.dims
-    # untimed warm-ups (one-off start-up costs of both libraries)
-    traker_scores(module, Xtr[:32], ytr[:32], Xte[:8], yte[:8], proj_dim=64, block_size=64,
-                  proj_type="normal")
-    skattr_scores(model, Xtr[:32], ytr[:32], Xte[:8], yte[:8], 64, "factored")
     rows = []
-    for k in dims:
-        configs = [("default (block_size=100)", 100), (f"matrix once (block_size={k})", k)]
-        t_sk = {}
-        for proj in ("factored", "sparse"):
-            ts = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                skattr_scores(model, Xtr, ytr, Xte, yte, k, proj)
-                ts.append(time.perf_counter() - t0)
-            t_sk[proj] = float(np.median(ts))
-        for name, bs in configs:
-            if bs == 100 and k > 1024 and not args.slow_traker:
-                # traker's default CPU path runs at a few samples/s at this size: time it on a
-                # quarter of the data and scale (its cost is linear in the number of samples)
-                q = 4
-                _, t_tr = traker_scores(module, Xtr[: n_tr // q], ytr[: n_tr // q], Xte[: n_te // q],
-                                        yte[: n_te // q], proj_dim=k, block_size=bs, proj_type="normal")
-                t_tr *= q
-                name += " (timed on 1/4, x4)"
-            else:
-                _, t_tr = traker_scores(module, Xtr, ytr, Xte, yte, proj_dim=k, block_size=bs,
-                                        proj_type="normal")
-            rows.append([k, name, t_tr, t_sk["factored"], t_tr / t_sk["factored"],
-                         t_sk["sparse"], t_tr / t_sk["sparse"]])
+    for arch in args.archs:
+        net = make_mlp(0) if arch == "mlp" else make_cnn(0)
+        model, acc = train(net, X[:1000], y[:1000], epochs=args.epochs)
+        module = model.module_
+        name = "MLP 64-256-256-10" if arch == "mlp" else "CNN (conv 1-16-32, linear 2048-10)"
+        print(f"{name}: {n_params(module):,} parameters, trained on 1,000 digits (train acc "
+              f"{acc:.3f}); n_train {n_tr}, n_test {n_te}")
+        # untimed warm-ups (one-off start-up costs of both libraries)
+        traker_scores(module, Xtr[:32], ytr[:32], Xte[:8], yte[:8], proj_dim=64, block_size=64)
+        skattr_scores(model, Xtr[:32], ytr[:32], Xte[:8], yte[:8], 64, "factored")
+        for k in dims:
+            t_sk = {}
+            for proj in ("factored", "sparse"):
+                ts = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    skattr_scores(model, Xtr, ytr, Xte, yte, k, proj)
+                    ts.append(time.perf_counter() - t0)
+                t_sk[proj] = float(np.median(ts))
+            for cname, bs in (("default (block_size=100)", 100), (f"matrix once (block_size={k})", k)):
+                if bs == 100 and k > 1024 and not args.slow_traker:
+                    # traker's default CPU path is slow at this size: time it on a quarter of
+                    # the data and scale (its cost is linear in the number of samples)
+                    q = 4
+                    _, t_tr = traker_scores(module, Xtr[: n_tr // q], ytr[: n_tr // q],
+                                            Xte[: n_te // q], yte[: n_te // q], proj_dim=k, block_size=bs)
+                    t_tr *= q
+                    cname += " (1/4 of the data, x4)"
+                else:
+                    _, t_tr = traker_scores(module, Xtr, ytr, Xte, yte, proj_dim=k, block_size=bs)
+                rows.append([arch.upper(), k, cname, t_tr, t_sk["factored"], t_tr / t_sk["factored"],
+                             t_sk["sparse"], t_tr / t_sk["sparse"]])
     print_table(
         rows,
-        ["k", "traker CPU config", "traker s", "skattr factored s", "ratio", "skattr sparse s", "ratio"],
-        title="Featurise + score, one model, CPU (ratio = traker time / skattr time)",
+        ["model", "k", "traker CPU config", "traker s", "skattr factored s", "ratio",
+         "skattr sparse s", "ratio"],
+        title=f"Featurise {n_tr} + score {n_te}, one model, CPU, {torch.get_num_threads()} thread(s) "
+              "(ratio = traker time / skattr time)",
     )
     return rows
 
@@ -264,8 +275,9 @@ def main(argv=None):
         return _memory_child(int(a[0]), int(a[1]), int(a[2]), a[3], int(a[4]))
     p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--part", choices=["speed", "memory", "all"], default="all")
-    p.add_argument("--n-train", type=int, default=512)
-    p.add_argument("--n-test", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=1500)
+    p.add_argument("--n-test", type=int, default=297)
+    p.add_argument("--archs", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--slow-traker", action="store_true",
                    help="time traker's default config on all the data even when it is slow")

@@ -1,6 +1,7 @@
 """TRAK experiments on digits: exactness, LDS next to Grad-Cos and the ``traker`` package, concepts.
 
-Parts (``--part``, comma-separated; default all):
+Parts (``--part``, comma-separated; default all; ``--part plot`` redraws the LDS figure from a
+previous run's ``results.json``):
 
 ``exact``
     TRAK with ``projection_dim=None`` against a direct numpy implementation of the formula
@@ -129,7 +130,8 @@ def lds_part(args):
         res = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=8 if args.quick else args.n_subsets,
                         ensembles=ens, dims=dims, ridge=args.ridge,
                         extra_dims=() if args.quick else (args.extra_dim, None),
-                        cache_dir=os.path.join(args.out, "cache", arch), verbose=args.verbose)
+                        cache_dir=os.path.join(args.cache or os.path.join(args.out, "cache"), arch),
+                        verbose=args.verbose)
         rows = res["rows"]
         ret, members = res["retrainer"], res["members"]
         sweep = []
@@ -232,6 +234,8 @@ def main(argv=None):
     p.add_argument("--archs", default="MLP,CNN")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "trak"))
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--cache", default=None,
+                   help="where trained subset models / ensemble members are cached (default OUT/cache)")
     p.add_argument("--ridge", type=float, default=1.0)
     p.add_argument("--extra-dim", type=int, default=8192,
                    help="an extra skattr-only projection size (rows also for exact TRAK)")
@@ -248,6 +252,13 @@ def main(argv=None):
           f"argv: {' '.join(sys.argv[1:]) or '(defaults)'}")
     results = {}
     t0 = time.perf_counter()
+    if args.part == "plot":  # redraw the figures from a previous run's results.json
+        with open(os.path.join(args.out, "results.json")) as f:
+            prev = json.load(f)
+        plot_lds({a: prev["lds"][a]["rows"] for a in args.archs if a in prev.get("lds", {})},
+                 os.path.join(args.out, "lds_vs_models.png"))
+        print(f"redrew {args.out}/lds_vs_models.png")
+        return 0
     for part in [s.strip() for s in args.part.split(",") if s.strip()]:
         fn = {"exact": exact_part, "lds": lds_part, "concept": concept_part}[part]
         results[part] = fn(args)

@@ -102,6 +102,38 @@ def test_projected_scores_converge_to_exact(data, models, projection):
     assert errs[2] < 0.15, errs
 
 
+def test_cnn_exact_and_projected(data):
+    """A CNN with strided/padded convolutions, BatchNorm and LayerNorm: exact TRAK equals the
+    formula on jacrev gradients; projected TRAK (dense rows for small conv layers, factored for
+    the rest) converges to it and does not depend on the batch size."""
+    from conftest import input_for, make_cnn, ref_jacobian
+
+    X, Xt = input_for("cnn", 30), input_for("cnn", 5, seed=3)
+    rng = np.random.RandomState(0)
+    y, yt = rng.randint(0, 3, 30), rng.randint(0, 3, 5)
+    model = TorchModel(make_cnn(), dtype="float64")  # a wrapped network, used as is
+
+    def margin(z, c):
+        others = z.clone()
+        others[0, c[0]] = -float("inf")
+        return (z[0, c[0]] - torch.logsumexp(others[0], 0)).reshape(1, 1)
+
+    Phi = ref_jacobian(model.module, X, fn=margin, y=torch.as_tensor(y))[:, 0].numpy()
+    g = ref_jacobian(model.module, Xt, fn=margin, y=torch.as_tensor(yt))[:, 0].numpy()
+    lam = 0.1 * (Phi**2).sum(1).mean()
+    p = model.predict_proba(X)[np.arange(30), y]
+    ref = g @ np.linalg.inv(Phi.T @ Phi + lam * np.eye(Phi.shape[1])) @ Phi.T * (1 - p)
+    S = TRAK(model, projection_dim=None, ridge=0.1).fit(X, y).attribute(Xt, yt)
+    np.testing.assert_allclose(S, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    errs = []
+    for k in (64, 4096):
+        Sk = TRAK(model, projection_dim=k, ridge=0.1, batch_size=7).fit(X, y).attribute(Xt, yt)
+        errs.append(np.linalg.norm(Sk - ref) / np.linalg.norm(ref))
+    assert errs[1] < errs[0] and errs[1] < 0.15, errs
+    S2 = TRAK(model, projection_dim=4096, ridge=0.1, batch_size=30).fit(X, y).attribute(Xt, yt)
+    np.testing.assert_allclose(S2, Sk, rtol=1e-8, atol=1e-12)
+
+
 def test_nested_projection_consistent(data, models):
     # the same seed gives the same scores for any batch size (seeded, batch-independent projection)
     X, y, Xt, yt = data

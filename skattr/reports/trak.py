@@ -14,6 +14,7 @@ adds the ``traker`` package side by side):
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
@@ -155,13 +156,13 @@ def plot_lds(rows_by_arch, path):
         series = {}
         for r in rows:
             if r["method"].startswith(("skattr TRAK-", "traker")) and "full-data" not in r["method"]:
-                name = r["method"].rsplit("-", 1)[0] if r["method"].startswith("skattr") else r["method"].split(" TRAK")[0]
-                name = f"{name.replace('skattr TRAK', 'skattr TRAK')} k={r['projection_dim']}"
+                k = "exact" if r["projection_dim"] is None else r["projection_dim"]
+                name = re.sub(r"TRAK-\d+", "TRAK", r["method"]) + f", k={k}"
                 series.setdefault(name, []).append((r["n_models"], r["lds"]))
         for name, pts in sorted(series.items()):
             pts = sorted(pts)
-            style = "-o" if name.startswith("skattr") else "--s"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+            style = "-o" if name.startswith("skattr") else ("--s" if "matched" in name else ":x")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, alpha=0.85)
         for r in rows:
             if r["method"].startswith("Grad-Cos"):
                 ax.axhline(r["lds"], color="gray", ls=":", label=r["method"])
