@@ -13,6 +13,9 @@ previous run's ``results.json``):
     from 50 models retrained on random halves; TRAK with 1, 5 and 10 models (members trained on
     random halves), Grad-Cos, and ``traker`` run on the very same members, subsets and
     projection_dim (traker's own ``lambda_reg=0``, and with skattr's ridge matched), side by side.
+``seeds`` (not in the default run)
+    skattr and ``traker`` (ridge matched) with 1 and 10 models over ``--seeds`` projection seeds:
+    mean and standard deviation of the LDS, and the mean paired difference.
 ``concept``
     The concept "digit with a closed loop" (0, 6, 8, 9) for the MLP and the CNN: L1 probes per
     layer, TRAK attribution of the best layer's probe, remove the top-k attributed training
@@ -185,6 +188,47 @@ def _lds_order(r):
     return (k, lib, variant, r["n_models"])
 
 
+def seeds_part(args):
+    """skattr vs traker (ridge matched) over several projection seeds: mean +- std, paired diffs."""
+    out = {}
+    for arch in args.archs:
+        make, images = ARCHS[arch]
+        n_train, n_test = (300, 60) if args.quick else (1000, 200)
+        Xtr, ytr, Xte, yte, _, _ = digits_split(images=images, n_train=n_train, n_test=n_test)
+        model = template(make(), epochs=10 if args.quick else 30)
+        ens = (1, 2) if args.quick else (1, 10)
+        dims = (256,) if args.quick else tuple(args.dims)
+        res = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=8 if args.quick else args.n_subsets,
+                        ensembles=(max(ens),), dims=(dims[0],), ridge=args.ridge, gradcos=False,
+                        cache_dir=os.path.join(args.cache or os.path.join(args.out, "cache"), arch))
+        ret, members = res["retrainer"], res["members"]
+        modules = [m.module_ for m in members]
+        rows = []
+        for k in dims:
+            for M in ens:
+                sk, tk = [], []
+                for seed in range(args.seeds):
+                    tr = TRAK(model, models=members[:M], projection_dim=k, ridge=args.ridge,
+                              random_state=seed).fit(Xtr, ytr)
+                    sk.append(ret.score(tr, Xte, yte))
+                    sc, _ = traker_ensemble(modules[:M], Xtr, ytr, Xte, yte, k, ensembles=[M],
+                                            ridge=args.ridge, seed=seed)
+                    tk.append(ret.score(sc[M], Xte, yte))
+                sk, tk = np.array(sk), np.array(tk)
+                d = sk - tk
+                rows.append([arch, k, M, f"{sk.mean():.3f} ± {sk.std(ddof=1):.3f}",
+                             f"{tk.mean():.3f} ± {tk.std(ddof=1):.3f}",
+                             f"{d.mean():+.4f} ± {d.std(ddof=1) / np.sqrt(len(d)):.4f}"])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        out[arch] = rows
+    print_md([r for a in out.values() for r in a],
+             ["model", "k", "models", "skattr TRAK (factored)", "traker (ridge matched)", "skattr - traker"],
+             f"LDS over {args.seeds} projection seeds (skattr random_state = traker seed = 0..{args.seeds - 1}; "
+          f"same members, subsets and ridge={args.ridge:g}; ± is the std over seeds, and the "
+          "standard error of the mean paired difference)")
+    return out
+
+
 # ---------------------------------------------------------------------------------- concept
 def concept_part(args):
     out = {}
@@ -240,6 +284,7 @@ def main(argv=None):
     p.add_argument("--extra-dim", type=int, default=8192,
                    help="an extra skattr-only projection size (rows also for exact TRAK)")
     p.add_argument("--n-subsets", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=5, help="projection seeds of the 'seeds' part")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
@@ -260,7 +305,7 @@ def main(argv=None):
         print(f"redrew {args.out}/lds_vs_models.png")
         return 0
     for part in [s.strip() for s in args.part.split(",") if s.strip()]:
-        fn = {"exact": exact_part, "lds": lds_part, "concept": concept_part}[part]
+        fn = {"exact": exact_part, "lds": lds_part, "concept": concept_part, "seeds": seeds_part}[part]
         results[part] = fn(args)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=_json)

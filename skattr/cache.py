@@ -43,8 +43,9 @@ class FeatureCache:
     True
     """
 
-    def __init__(self, max_bytes=None):
+    def __init__(self, max_bytes=None, max_gram_bytes=2**30):
         self.max_bytes = max_bytes
+        self.max_gram_bytes = max_gram_bytes
         self._store = {}
         self._lock = threading.Lock()
         self.hits = 0
@@ -54,21 +55,83 @@ class FeatureCache:
         return self
 
     def __reduce__(self):
-        return (FeatureCache, (self.max_bytes,))
+        return (FeatureCache, (self.max_bytes, self.max_gram_bytes))
 
     def clear(self):
         self._store.clear()
 
     def nbytes(self):
-        return sum(e["F"].numel() * e["F"].element_size() for e in self._store.values())
+        """Bytes of cached features (Gram matrices not included: see :meth:`gram_nbytes`)."""
+        return sum(e["F"].numel() * e["F"].element_size() for e in self._store.values()
+                   if e["F"] is not None)
 
-    def get(self, key, X, k, compute):
+    def gram_nbytes(self):
+        return sum(G.numel() * G.element_size() for e in self._store.values()
+                   for G in e.get("grams", {}).values())
+
+    def gram(self, key, hx, hf, k):
+        """Unscaled trace Gram ``sum_m F_x[:, m, :k] F_f[:, m, :k]^T`` (n_x, n_f) and the
+        unscaled diagonal of ``x``, for samples given by their hashes (from
+        :meth:`get`), or ``None`` when they are not all cached or the Gram would exceed
+        ``max_gram_bytes``.
+
+        One Gram over every cached sample is kept per projection size; a larger size adds only
+        the new rows' contribution to the nearest smaller one (projections are nested), and new
+        samples add only their rows.  So a grid search over projection sizes and CV folds costs
+        about one Gram of all samples at the largest size, instead of one per fold and size.
+        """
+        with self._lock:
+            e = self._store.get(key)
+            if e is None or e["F"] is None or k > e["k"]:
+                return None
+            idx = e["index"]
+            if any(h not in idx for h in hx) or any(h not in idx for h in hf):
+                return None
+            N = e["F"].shape[0]
+            grams = e.setdefault("grams", {})
+            isz = e["F"].element_size()
+            if k not in grams and self.gram_nbytes() + N * N * isz > (self.max_gram_bytes or 0):
+                return None
+            G = self._gram_at(e, k)
+            if G is None:
+                return None
+            ix = torch.as_tensor([idx[h] for h in hx], device=G.device)
+            jf = torch.as_tensor([idx[h] for h in hf], device=G.device)
+            return G.index_select(0, ix).index_select(1, jf), G.diagonal()[ix]
+
+    def _gram_at(self, e, k):
+        """The Gram at size k over all cached rows (extended to new rows as needed)."""
+        F, grams = e["F"], e["grams"]
+        N = F.shape[0]
+        if k in grams:
+            G = _extend_gram(grams[k], F, k)
+        else:
+            lower = [kk for kk in grams if kk < k]
+            if lower:  # nested: add the contribution of rows kk:k to the Gram at kk
+                kk = max(lower)
+                grams[kk] = _extend_gram(grams[kk], F, kk)
+                A = F[..., kk:k].flatten(1)
+                G = torch.addmm(grams[kk], A, A.T)
+            else:
+                A = F[..., :k].flatten(1)
+                G = A @ A.T
+        if G.shape[0] != N:
+            return None
+        grams[k] = G
+        return G
+
+    def get(self, key, X, k, compute, return_hashes=False):
         """Features (n, m, k) of ``X`` (unscaled), computing what is missing.
 
         ``compute(X_rows, start, k)`` must return the unscaled features of rows
-        ``start:start + k`` of the nested projection for the given samples.
+        ``start:start + k`` of the nested projection for the given samples.  With
+        ``return_hashes=True`` also returns the samples' content hashes (for :meth:`gram`).
         """
         hashes = _row_hashes(X)
+        F = self._get(key, X, k, compute, hashes)
+        return (F, hashes) if return_hashes else F
+
+    def _get(self, key, X, k, compute, hashes):
         with self._lock:
             e = self._store.get(key)
             if e is None:
@@ -104,8 +167,25 @@ class FeatureCache:
                         f"max_bytes={self.max_bytes}; use a larger max_bytes or clear() it."
                     )
             self.hits += len(hashes) - len(missing)
-            pos = torch.as_tensor([e["index"][h] for h in hashes], device=e["F"].device)
-            return e["F"].index_select(0, pos)[..., :k]
+            pos = [e["index"][h] for h in hashes]
+            F = e["F"][..., :k]
+            if pos == list(range(F.shape[0])):
+                return F
+            return F.index_select(0, torch.as_tensor(pos, device=F.device))
+
+
+def _extend_gram(G, F, k):
+    """Extend the Gram ``G`` of the first rows of ``F`` (at size k) to all of F's rows."""
+    N, N0 = F.shape[0], G.shape[0]
+    if N0 == N:
+        return G
+    A = F[..., :k].flatten(1)
+    B = A[N0:] @ A.T  # (N - N0, N)
+    out = torch.empty(N, N, dtype=G.dtype, device=G.device)
+    out[:N0, :N0] = G
+    out[N0:] = B
+    out[:N0, N0:] = B[:, :N0].T
+    return out
 
 
 def _concat(a, b):

@@ -18,7 +18,7 @@ from sklearn.utils.validation import column_or_1d
 
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
-from .projection import Projector, scale_features
+from .projection import Projector
 from .training import copy_callbacks, train_module
 
 __all__ = ["TorchModel"]
@@ -253,8 +253,10 @@ class TorchModel(BaseEstimator):
         """
         self._check_params()
         X = check_input(X)
-        Xt = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-        Xt = Xt.to(device=self.device_, dtype=self.torch_dtype_)
+        if not isinstance(X, torch.Tensor):
+            X = np.asarray(X)
+            X = X if X.flags.writeable else X.copy()  # torch refuses read-only memory
+        Xt = torch.as_tensor(X).to(device=self.device_, dtype=self.torch_dtype_)
         seed = seed_from_random_state(self.random_state)
         src = self.module_ if (self.warm_start and hasattr(self, "module_")) else self.module
         net = copy.deepcopy(src)
@@ -464,18 +466,21 @@ class TorchModel(BaseEstimator):
         unbiased.  Parameters are ordered as in ``module.named_parameters()``.
         """
         out = []
-        proj = None
+        proj = F = None
         if projection_dim is not None:
             proj = Projector(
                 projection, projection_dim, seed_from_random_state(random_state),
                 device=self.device_, dtype=self.torch_dtype_,
             )
-        for _, recs in self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size):
+        for i0, recs in self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size):
             if proj is None:
                 out.append(_grad.flatten(recs))
-            else:
-                out.append(scale_features(_grad.project(recs, proj), proj.k))
-        G = torch.cat(out).cpu().numpy()
+                continue
+            nb, m = _grad.records_shape(recs)
+            if F is None:  # one output buffer, projected into batch by batch
+                F = torch.zeros(len(X), m, proj.k, device=self.device_, dtype=self.torch_dtype_)
+            _grad.project(recs, proj, out=F[i0 : i0 + nb])
+        G = (torch.cat(out) if proj is None else F.mul_(1.0 / math.sqrt(proj.k))).cpu().numpy()
         return G[:, 0] if G.shape[1] == 1 else G
 
     def fingerprint(self):

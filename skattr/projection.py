@@ -50,7 +50,9 @@ __all__ = ["KINDS", "ROW_BLOCK", "Projector", "scale_features"]
 
 KINDS = ("rademacher", "gaussian", "sparse", "factored")
 ROW_BLOCK = 128  # rows generated per seeded block; part of the projection's definition
-_CACHE_BYTES = 64 * 2**20
+_CACHE_BYTES = 256 * 2**20  # largest dense row block kept per parameter group
+_CACHE_TOTAL = 1024 * 2**20  # and in all, per Projector
+_K_CHUNK = 256  # factored rows per fused chunk (a speed setting, not part of the definition)
 
 
 def _block_seed(seed: int, key: str, block: int) -> int:
@@ -119,6 +121,7 @@ class Projector:
         self.kind, self.k, self.seed, self.start = kind, int(k), int(seed), int(start)
         self.device, self.dtype = torch.device(device), dtype
         self._cache = {}
+        self._cached_bytes = 0
 
     # -- dense / sparse rows on a materialised gradient block ---------------------------
     def project_dense(self, key: str, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -146,10 +149,11 @@ class Projector:
         if ck in self._cache:
             o2 += g2 @ self._cache[ck].T
             return
-        if nbytes <= _CACHE_BYTES:
+        if self.caches_dense(key, p):
             P = _dense_rows(kind, self.seed, key, self.start, self.start + self.k, p, self.dtype)
             P = P.to(self.device)
             self._cache[ck] = P
+            self._cached_bytes += nbytes
             o2 += g2 @ P.T
             return
         rows = max(ROW_BLOCK, (_CACHE_BYTES // max(1, p * 4)) // ROW_BLOCK * ROW_BLOCK)
@@ -158,6 +162,15 @@ class Projector:
             s0 = self.start
             P = _dense_rows(kind, self.seed, key, s0 + r0, s0 + r1, p, self.dtype).to(self.device)
             o2[:, r0:r1] += g2 @ P.T
+
+    def caches_dense(self, key: str, p: int) -> bool:
+        """Whether the dense rows of group ``key`` (``p`` coordinates) are, or would be, kept in
+        memory (a decision that never changes once they are)."""
+        kind = "gaussian" if self.kind == "factored" else self.kind
+        if (key, kind) in self._cache:
+            return True
+        nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
+        return nbytes <= _CACHE_BYTES and self._cached_bytes + nbytes <= _CACHE_TOTAL
 
     # -- factored rows on an (input, output-gradient) pair ------------------------------
     def factors(self, key: str, d_out: int, d_in: int):
@@ -170,14 +183,24 @@ class Projector:
         return self._cache[ck]
 
     def project_factored(self, key, a, d, out):
-        """``out += sum_s (U d_s) * (V a_s)``; ``a`` (n, L, d_in), ``d`` (n, L, m, d_out)."""
+        """``out += sum_s (U d_s) * (V a_s)``; ``a`` (n, L, d_in), ``d`` (n, L, m, d_out).
+
+        Rows are processed in chunks of ``_K_CHUNK`` so that the two factor products of a chunk
+        stay in cache and are multiplied into ``out`` in one fused pass.
+        """
         U, V = self.factors(key, d.shape[-1], a.shape[-1])
-        av = a @ V.T  # (n, L, k)
-        du = d @ U.T  # (n, L, m, k)
-        if a.shape[1] == 1:
-            out += du[:, 0] * av[:, 0, None, :]
-        else:
-            out += torch.einsum("nlmk,nlk->nmk", du, av)
+        L = a.shape[1]
+        for j0 in range(0, self.k, _K_CHUNK):
+            j1 = min(self.k, j0 + _K_CHUNK)
+            o = out[..., j0:j1]
+            if L == 1:
+                av = a[:, 0] @ V[j0:j1].T  # (n, c)
+                du = d[:, 0] @ U[j0:j1].T  # (n, m, c)
+                o.addcmul_(du, av[:, None, :])
+            else:
+                av = a @ V[j0:j1].T  # (n, L, c)
+                du = d @ U[j0:j1].T  # (n, L, m, c)
+                o += torch.einsum("nlmk,nlk->nmk", du, av)
 
 
 def scale_features(F: torch.Tensor, k: int) -> torch.Tensor:

@@ -151,31 +151,47 @@ class _GradientKernel(_BaseKernel):
             device=self.model_.device_, dtype=self.model_.torch_dtype_,
         )
         chunks = self._chunks(Xt.shape[0])
-        out = []
+        out = None
         for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} features"):
             yb = None if y is None else y[i0:i1]
-            out.append(_grad.project(self._records(Xt[i0:i1], yb), proj))
-        return torch.cat(out)
+            recs = self._records(Xt[i0:i1], yb)
+            if out is None:
+                m = _grad.records_shape(recs)[1]
+                out = torch.zeros(Xt.shape[0], m, k, device=proj.device, dtype=proj.dtype)
+            _grad.project(recs, proj, out=out[i0:i1])
+        return out
+
+    def _cache_key(self):
+        return (self.model_.fingerprint(), type(self).__name__, self._output, self.projection,
+                self._seed, self.method)
 
     def _features(self, Xt, y):
+        """Unscaled features (n, m, k), and the samples' hashes in ``memory`` (or ``None``)."""
         k = int(self.projection_dim)
         if self.memory is None:
-            return self._featurize(Xt, y, 0, k)
-        # y enters the key through the per-sample content: append the label to the row.
-        key = (self.model_.fingerprint(), type(self).__name__, self._output, self.projection,
-               self._seed, self.method)
-        if y is not None:
+            return self._featurize(Xt, y, 0, k), None
+        key = self._cache_key()
+        if y is not None:  # y enters the key through the per-sample content: a last column
             rows = torch.cat([Xt.flatten(1), y[:, None].to(Xt.dtype)], 1)
 
             def compute(R, start, kk):
                 return self._featurize(R[:, :-1].reshape(-1, *Xt.shape[1:]), R[:, -1].long(), start, kk)
 
-            return self.memory.get(key, rows, k, compute)
+            return self.memory.get(key, rows, k, compute, return_hashes=True)
 
         def compute(R, start, kk):
             return self._featurize(R, None, start, kk)
 
-        return self.memory.get(key, Xt, k, compute)
+        return self.memory.get(key, Xt, k, compute, return_hashes=True)
+
+    def _cached_gram(self, hx):
+        """``(K(X, X_fit), K(X, X))`` unnormalised, from ``memory``'s Gram, or ``None``."""
+        hf = getattr(self, "_fit_hashes", None)
+        if self.memory is None or self._mode != "trace" or hx is None or hf is None:
+            return None
+        k = int(self.projection_dim)
+        out = self.memory.gram(self._cache_key(), hx, hf, k)
+        return None if out is None else (out[0] / k, out[1] / k)
 
     def _check_size(self, n, m):
         isz = torch.finfo(self.model_.torch_dtype_).bits // 8
@@ -206,6 +222,7 @@ class _GradientKernel(_BaseKernel):
         self._check_size(Xt.shape[0], m)
         if self.projection_dim is None:
             self._check_exact_size(Xt, yt)
+            self._fit_hashes = None
             chunks = self._chunks(Xt.shape[0])
             self.fit_records_ = [
                 self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
@@ -213,10 +230,12 @@ class _GradientKernel(_BaseKernel):
             ]
             self.fit_diag_ = torch.cat([_grad.self_gram(r, self._mode) for r in self.fit_records_])
         else:
-            F = self._features(Xt, yt)
+            F, self._fit_hashes = self._features(Xt, yt)
             self.features_ = scale_features(F, int(self.projection_dim))
             self.fit_diag_ = self._feat_self(self.features_)
         self.n_fit_ = int(Xt.shape[0])
+        # transform(X_fit) would compute the same gradients unless fit used other labels
+        self._fit_reusable = yt is None or torch.equal(yt, self._labels(Xt, None))
         return self
 
     def _n_out(self):
@@ -245,11 +264,36 @@ class _GradientKernel(_BaseKernel):
         return torch.einsum("nmk,Nok->nNmo", A, B)
 
     def _kernel_chunks(self, X):
-        """Yield (i0, i1, K_chunk, diag_chunk) of the unnormalised kernel against the fit set."""
+        """Yield (i0, i1, K_chunk, diag_chunk) of the unnormalised kernel against the fit set.
+
+        ``X=None`` is the fit set itself, from the stored features or gradient factors.
+        """
+        if X is None:
+            if self.projection_dim is not None:
+                cached = self._cached_gram(getattr(self, "_fit_hashes", None))
+                if cached is not None:
+                    yield 0, cached[0].shape[0], cached[0], cached[1]
+                    return
+                F = self.features_
+                for i0, i1 in self._chunks(F.shape[0]):
+                    yield i0, i1, self._feat_gram(F[i0:i1], F), self.fit_diag_[i0:i1]
+                return
+            i0 = 0
+            for rx in self.fit_records_:
+                i1 = i0 + _grad.records_shape(rx)[0]
+                K = torch.cat([_grad.gram(rx, rf, self._mode) for rf in self.fit_records_], dim=1)
+                yield i0, i1, K, self.fit_diag_[i0:i1]
+                i0 = i1
+            return
         Xt = self.model_.to_tensor(X)
         yt = self._labels(Xt, None)
         if self.projection_dim is not None:
-            F = scale_features(self._features(Xt, yt), int(self.projection_dim))
+            F, hx = self._features(Xt, yt)
+            cached = self._cached_gram(hx)
+            if cached is not None:
+                yield 0, Xt.shape[0], cached[0], cached[1]
+                return
+            F = scale_features(F, int(self.projection_dim))
             for i0, i1 in self._chunks(Xt.shape[0]):
                 A = F[i0:i1]
                 yield i0, i1, self._feat_gram(A, self.features_), self._feat_self(A)
@@ -280,6 +324,14 @@ class _GradientKernel(_BaseKernel):
         X = self._validate(X, reset=False)
         return self._to_numpy(self._transform_tensor(X))
 
+    def fit_transform(self, X, y=None):
+        """``fit(X, y).transform(X)``, reusing the reference set's gradients instead of computing
+        them twice (what a :class:`~sklearn.pipeline.Pipeline` calls when it fits)."""
+        self.fit(X, y)
+        if not self._fit_reusable:  # fit used labels y that transform would not use
+            return self.transform(X)
+        return self._to_numpy(self._transform_tensor(None))
+
     def diagonal(self, X):
         """``K(x, x)`` for each sample (1 when ``normalize=True``), shape (n_samples,)."""
         check_is_fitted(self)
@@ -301,7 +353,7 @@ class _GradientKernel(_BaseKernel):
             raise ValueError("feature_map needs projection_dim to be set (the exact map is p-dimensional).")
         X = self._validate(X, reset=False)
         Xt = self.model_.to_tensor(X)
-        F = scale_features(self._features(Xt, self._labels(Xt, None)), int(self.projection_dim))
+        F = scale_features(self._features(Xt, self._labels(Xt, None))[0], int(self.projection_dim))
         if self.normalize:
             F = F / torch.sqrt(torch.clamp((F**2).sum((-1, -2)), min=_EPS))[:, None, None]
         return self._to_numpy(F.flatten(1))

@@ -666,7 +666,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             if self.projection_dim is None:
                 F = _grad.flatten(recs)[:, 0]
             else:
-                F = scale_features(_project(recs, self._projector(member)), self.feature_dim_)[:, 0]
+                F = scale_features(_grad.project(recs, self._projector(member)), self.feature_dim_)[:, 0]
             with torch.no_grad():
                 z = net(xb)
                 z = z[:, None] if z.ndim == 1 else z
@@ -978,39 +978,6 @@ class TRAK(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64"]
         tags.non_deterministic = False
         return tags
-
-
-_DENSE_CACHE_BYTES = 64 * 2**20  # Projector caches dense rows up to this size
-
-
-def _project(records, projector):
-    """Unscaled projected features (n, m, k), like :func:`skattr.gradients.project`, except that
-    with ``projection="factored"`` a layer applied at many positions (a Conv layer: ``L > 1``)
-    whose gradient is small is projected with dense Gaussian rows instead of factored ones.
-
-    For such a layer the factored projection costs ``O(L k (d_in + m d_out))`` per example, mostly
-    memory-bound element-wise work, whereas forming the per-example gradient (``L d_in d_out``)
-    and multiplying it by cached dense rows costs ``O(m d_in d_out k)``: on a small CNN the dense
-    path is about 10x faster.  Both row sets are seeded per layer and nested, so features stay
-    deterministic across batch sizes and processes.
-    """
-    r0 = records[0]
-    n, m = (r0.d.shape[0], r0.d.shape[2]) if isinstance(r0, _grad.KronRecord) else r0.g.shape[:2]
-    out = torch.zeros(n, m, projector.k, device=projector.device, dtype=projector.dtype)
-    k = projector.k
-    isz = torch.finfo(projector.dtype).bits // 8
-    for r in records:
-        if isinstance(r, _grad.KronRecord) and projector.kind == "factored":
-            L, d_in, d_out = r.a.shape[1], r.a.shape[-1], r.d.shape[-1]
-            p = d_in * d_out
-            dense_cheaper = m * p <= 4 * L * (d_in + m * d_out) and p * k * isz <= _DENSE_CACHE_BYTES
-            if L > 1 and dense_cheaper:
-                projector.project_dense(r.key, r.dense(), out)
-            else:
-                projector.project_factored(r.key, r.a, r.d, out)
-        else:
-            projector.project_dense(r.key, r.dense(), out)
-    return out
 
 
 def template_hash(model):
