@@ -305,3 +305,50 @@ def test_feature_cache_pickles_empty_and_respects_max_bytes(trained):
     small = FeatureCache(max_bytes=1000)
     with pytest.raises(MemoryError, match="max_bytes=1000"):
         TraceNTK(model, projection_dim=64, memory=small).fit(X)
+
+
+def test_feature_cache_gram_serves_sizes_and_folds(trained):
+    """The cached Gram (one per size, grown by nested prefix sums and by new samples) equals the
+    kernel computed from features, in any order of sizes and for overlapping sample sets."""
+    model, X, y = trained
+    cache = FeatureCache()
+    for k, (f0, f1), (t0, t1) in [(32, (0, 40), (30, 60)), (64, (0, 60), (50, 90)),
+                                  (16, (20, 90), (0, 30)), (48, (0, 90), (0, 90))]:
+        plain = TraceNTK(model, projection_dim=k).fit(X[f0:f1]).transform(X[t0:t1])
+        est = TraceNTK(model, projection_dim=k, memory=cache).fit(X[f0:f1])
+        np.testing.assert_allclose(est.transform(X[t0:t1]), plain, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(est.diagonal(X[t0:t1]), np.ones(t1 - t0), rtol=1e-6)
+    assert cache.gram_nbytes() == 4 * 90 * 90 * 4  # sizes 16, 32, 48, 64 over all 90 samples
+    # a bound of 0 bytes keeps no Gram and gives the same kernel from the features
+    none = FeatureCache(max_gram_bytes=0)
+    K0 = TraceNTK(model, projection_dim=48, memory=none).fit(X[:50]).transform(X[40:])
+    np.testing.assert_allclose(K0, TraceNTK(model, projection_dim=48).fit(X[:50]).transform(X[40:]),
+                               rtol=1e-5, atol=1e-6)
+    assert none.gram_nbytes() == 0
+
+
+@pytest.mark.parametrize("projection_dim", [None, 32])
+@pytest.mark.parametrize("cls", [TraceNTK, PseudoNTK, GradCosKernel, EmpiricalNTK])
+def test_fit_transform_equals_fit_then_transform(trained, cls, projection_dim):
+    model, X, y = trained
+    kw = {"output": "blocks"} if cls is EmpiricalNTK else {}
+    est = cls(model, projection_dim=projection_dim, **kw)
+    for fit_y in (None, y) if cls is GradCosKernel else (None,):
+        # Grad-Cos fitted with labels y uses them for the fit set only: fit_transform must still
+        # equal fit(X, y).transform(X), which takes the network's predictions
+        np.testing.assert_allclose(est.fit_transform(X, fit_y), clone(est).fit(X, fit_y).transform(X),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_cached_cnn_features_extend_like_one_call():
+    """A CNN's small conv layers use dense rows under projection="factored": features extended
+    through the cache (32 rows, then 32:96) equal one featurisation at 96 rows."""
+    from conftest import input_for
+
+    model = TorchModel(make_cnn(), dtype="float64")
+    X = input_for("cnn", 12)
+    cache = FeatureCache()
+    TraceNTK(model, projection_dim=32, memory=cache).fit(X)
+    K = TraceNTK(model, projection_dim=96, memory=cache).fit(X).transform(X)
+    np.testing.assert_allclose(K, TraceNTK(model, projection_dim=96).fit(X).transform(X),
+                               rtol=1e-10, atol=1e-12)
