@@ -392,3 +392,19 @@ def test_docs_page_examples(tmp_path, monkeypatch):
     ns = {"__name__": "docs_trak"}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/trak.md[{i}]", "exec"), ns)
+
+
+def test_ensemble_members_use_independent_projections(data, models):
+    """Each member has its own projection seed (member 0: random_state), so projection noise
+    averages over the ensemble; an ensemble of two copies of one model is therefore not the
+    single model's TRAK, and it is closer to the exact scores."""
+    X, y, Xt, yt = data
+    m = models[16]
+    exact = TRAK(m, projection_dim=None).fit(X, y).attribute(Xt, yt)
+    one = TRAK(m, projection_dim=64, random_state=3).fit(X, y).attribute(Xt, yt)
+    two = TRAK(m, models=[m, m], projection_dim=64, random_state=3).fit(X, y).attribute(Xt, yt)
+    again = TRAK(m, models=[m, m], projection_dim=64, random_state=3).fit(X, y).attribute(Xt, yt)
+    np.testing.assert_array_equal(two, again)
+    assert np.abs(two - one).max() > 1e-3 * np.abs(one).max()
+    err = [np.linalg.norm(S - exact) / np.linalg.norm(exact) for S in (one, two)]
+    assert err[1] < err[0], err

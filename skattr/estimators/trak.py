@@ -653,8 +653,9 @@ class TRAK(TransformerMixin, BaseEstimator):
             prefixes=self.output_.prefixes(member.prefixes_), method=self.method,
         )
 
-    def _featurize_rows(self, member, X, y_enc, r0, r1):
-        """Features (rows, dim) and Q (rows,) of training rows ``r0:r1`` under ``member``."""
+    def _featurize_rows(self, j, X, y_enc, r0, r1):
+        """Features (rows, dim) and Q (rows,) of rows ``r0:r1`` of X under member ``j``."""
+        member = self.models_[j]
         net = self.output_.network(member._network())
         bs = int(self.batch_size or member.batch_size_eval)
         Fs, Qs = [], []
@@ -666,7 +667,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             if self.projection_dim is None:
                 F = _grad.flatten(recs)[:, 0]
             else:
-                F = scale_features(_grad.project(recs, self._projector(member)), self.feature_dim_)[:, 0]
+                F = scale_features(_grad.project(recs, self._projector(member, j)), self.feature_dim_)[:, 0]
             with torch.no_grad():
                 z = net(xb)
                 z = z[:, None] if z.ndim == 1 else z
@@ -675,16 +676,27 @@ class TRAK(TransformerMixin, BaseEstimator):
             Qs.append(q.detach().cpu().numpy())
         return np.concatenate(Fs), np.concatenate(Qs)
 
-    def _projector(self, member):
+    def _projection_seed(self, j):
+        """Seed of member ``j``'s projection: independent across members, so that projection
+        noise averages out over the ensemble instead of being shared by every member (member 0
+        uses ``random_state`` itself)."""
+        if j == 0:
+            return self._seed
+        return int(np.random.SeedSequence(self._seed, spawn_key=(j, 1)).generate_state(1, np.uint64)[0] >> 1)
+
+    def _projector(self, member, j):
         shapes = tuple((n, tuple(p.shape)) for n, p in member._network().named_parameters())
-        key = (self.projection, self.feature_dim_, self._seed, str(member.device_),
+        seed = self._projection_seed(j)
+        key = (self.projection, self.feature_dim_, seed, str(member.device_),
                str(member.torch_dtype_), type(self.output_).__name__, shapes)
         if key not in self._projectors:
             # projections are deterministic in their key: share them across fits (grid searches,
-            # ensembles, refits) instead of drawing the same factors again
+            # ensembles, refits) instead of drawing the same factors again; this estimator keeps
+            # only the current member's (dense rows can be large)
+            self._projectors.clear()
             proj = _PROJECTORS.get(key)
             if proj is None:
-                proj = Projector(self.projection, self.feature_dim_, self._seed,
+                proj = Projector(self.projection, self.feature_dim_, seed,
                                  device=member.device_, dtype=member.torch_dtype_)
                 _PROJECTORS[key] = proj
                 while len(_PROJECTORS) > 2:
@@ -785,7 +797,7 @@ class TRAK(TransformerMixin, BaseEstimator):
                 "members": [m.fingerprint() for m in members],
                 "output": self.output_.describe(),
                 "projection": self.projection if self.projection_dim is not None else "exact",
-                "k": k, "seed": self._seed, "method": self.method,
+                "k": k, "seed": self._seed, "member_seeds": "independent", "method": self.method,
                 "data": self.train_fingerprint_,
             }
             store = FeatureStore.for_config(
@@ -795,7 +807,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         desc = f"TRAK: featurising {len(todo)} block(s)"
         for m, b in _progress(todo, len(todo), self.verbose, desc):
             r0, r1 = store.block_range(b)
-            F, q = self._featurize_rows(members[m], X, y_enc[m], r0, r1)
+            F, q = self._featurize_rows(m, X, y_enc[m], r0, r1)
             store.write(m, b, F, q)
         self.store_ = store if self.store is not None else None
         self._features = store
@@ -928,7 +940,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         S = torch.zeros(t, n, dtype=torch.float64, device=dev)
         st = self._features
         for m in _progress(range(M), M, self.verbose, "TRAK: scoring"):
-            G, _ = self._featurize_rows(self.models_[m], X, y_enc[m], 0, t)
+            G, _ = self._featurize_rows(m, X, y_enc[m], 0, t)
             G = self._block(G)  # (t, k)
             L = torch.from_numpy(self.factors_[m]).to(dev)
             if self.solver_ == "primal":
