@@ -254,3 +254,29 @@ def test_class_scores():
     y3 = np.digitize(X[:, 0], [-0.5, 0.5])
     svc3 = SVC(decision_function_shape="ovr").fit(X, y3)
     np.testing.assert_allclose(class_scores(svc3, X), softmax(svc3.decision_function(X), axis=1))
+
+
+def test_surrogate_of_a_regression_network():
+    """A regression network: 'krr' / 'svr' regress its outputs, predict gives outputs whose
+    explanation sums back to them (KRR has no intercept), score is the Kendall tau between the
+    network's and the surrogate's outputs, and classifiers are refused by name."""
+    rng = np.random.RandomState(0)
+    X = rng.randn(80, 5).astype(np.float32)
+    y = (2 * X[:, 0] + np.sin(X[:, 1])).astype(np.float32)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = TorchModel(net, task="regression", epochs=5, random_state=0).fit(X, y)
+    f = model.predict(X[60:])
+    for est in ("krr", "svr"):
+        sur = KernelSurrogate(TraceNTK(model), est).fit(X[:60])
+        s = sur.predict(X[60:])
+        assert s.shape == (20,)
+        tau = sur.score(X[60:])
+        assert tau == pytest.approx(kendalltau(f, s).statistic)
+        assert tau > 0.6, (est, tau)
+        if est == "krr":
+            np.testing.assert_allclose(sur.explain(X[60:]).sum(1), s, rtol=1e-6, atol=1e-6)
+        with pytest.raises(AttributeError, match="regression"):
+            sur.predict_proba(X[60:])
+    for est in ("svc", "kglm"):
+        with pytest.raises(ValueError, match="'krr' or 'svr'"):
+            KernelSurrogate(TraceNTK(model), est).fit(X[:60])

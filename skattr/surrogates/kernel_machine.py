@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import softmax
+from scipy.stats import kendalltau
 from sklearn.base import BaseEstimator, ClassifierMixin, clone, is_classifier
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import SGDClassifier
-from sklearn.svm import SVC
+from sklearn.svm import SVC, SVR
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
@@ -27,8 +28,12 @@ def _make_estimator(estimator, random_state):
         return SVC(kernel="precomputed")
     if estimator == "krr":
         return KernelRidge(kernel="precomputed", alpha=1e-3)
+    if estimator == "svr":
+        return SVR(kernel="precomputed")
     if isinstance(estimator, str):
-        raise ValueError(f"estimator must be 'kglm', 'svc', 'krr' or an sklearn estimator, got {estimator!r}.")
+        raise ValueError(
+            f"estimator must be 'kglm', 'svc', 'krr', 'svr' or an sklearn estimator, got {estimator!r}."
+        )
     return clone(estimator)
 
 
@@ -44,11 +49,15 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
     ----------
     kernel : skattr kernel transformer
         E.g. ``TraceNTK(model)``; its ``model`` is the network being imitated.
-    estimator : {"kglm", "svc", "krr"} or sklearn estimator, default="kglm"
+    estimator : {"kglm", "svc", "krr", "svr"} or sklearn estimator, default="kglm"
         "kglm": ``SGDClassifier(loss="log_loss", penalty="l2", alpha=1e-4,
         class_weight="balanced")`` on the kernel matrix used as features (the eNTK paper's kGLM);
         "svc": ``SVC(kernel="precomputed")``; "krr": ``KernelRidge(kernel="precomputed")``
-        regressing the network's logits.  Any estimator taking the kernel matrix as ``X``.
+        regressing the network's logits (or, for a regression network, its outputs); "svr":
+        ``SVR(kernel="precomputed")`` on a single output.  Any estimator taking the kernel matrix
+        as ``X``.  A regression network (``task="regression"``) needs a regressor ("krr",
+        "svr"); its surrogate's ``predict`` gives outputs and ``score`` is the Kendall tau
+        between the network's and the surrogate's outputs.
     random_state : int, default=0
         Seeds the kGLM.
 
@@ -99,6 +108,11 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         model = self.kernel_.model_
         self.estimator_ = _make_estimator(self.estimator, self.random_state)
         classifier = is_classifier(self.estimator_)
+        if model.task == "regression" and classifier:
+            raise ValueError(
+                f"The network is a regressor (task='regression') but the kernel machine "
+                f"{type(self.estimator_).__name__} is a classifier; use estimator='krr' or 'svr'."
+            )
         if model.task == "classification":
             self.classes_ = model._classes()
         if self._full() and classifier:
@@ -138,6 +152,8 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
                     T = 2.0 * T[:, 1:] - 1.0
             else:
                 T = np.asarray(y, dtype=np.float64).reshape(len(K) // (model.n_outputs_ if self._full() else 1), -1)
+            if T.ndim == 2 and T.shape[1] == 1 and not self._full():
+                T = T[:, 0]  # one output: 1-d targets (what SVR and friends expect)
             self.estimator_.fit(K, T.ravel() if self._full() else T)
         self.n_features_in_ = self.kernel_.n_features_in_
         return self
@@ -168,9 +184,14 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
         return self.estimator_.decision_function(K)
 
+    def _check_classifier(self, what):
+        if self.model_.task == "regression":
+            raise AttributeError(f"{what} is not defined for a surrogate of a regression network.")
+
     def predict_proba(self, X):
         """Surrogate class probabilities (softmax of decision values when no predict_proba)."""
         check_is_fitted(self)
+        self._check_classifier("predict_proba")
         out, K = self._outputs(X)
         if out is None:
             S = class_scores(self.estimator_, K)
@@ -185,16 +206,26 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         return softmax(out, axis=1)
 
     def predict(self, X):
-        """Surrogate class predictions."""
+        """Surrogate class predictions (the surrogate's outputs for a regression network)."""
         check_is_fitted(self)
         out, K = self._outputs(X)
         if out is None:
             return self.estimator_.predict(K)
+        if self.model_.task == "regression":
+            return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
         return self.classes_[self.predict_proba(X).argmax(1)]
 
     def score(self, X, y=None):
-        """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1)."""
+        """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1).
+
+        For a regression network: Kendall tau between the network's and the surrogate's outputs
+        (all outputs flattened); ``y`` is not used.
+        """
         check_is_fitted(self)
+        if self.model_.task == "regression":
+            S = np.asarray(self.predict(X), dtype=np.float64).ravel()
+            P = np.asarray(self.model_.predict(X), dtype=np.float64).ravel()
+            return float(kendalltau(P, S).statistic)
         S = self.predict_proba(X)  # first: validates X against the fitted kernel
         P = self.model_.predict_proba(X)
         if P.shape[1] == 2:
