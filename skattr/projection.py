@@ -31,7 +31,9 @@ Kinds
     ``Var = 8|g|^4`` instead of ``2|g|^4`` for a Gaussian row), so it needs about 4x the rows for
     the same accuracy; it is much faster for wide layers.  A Linear/Conv bias whose weight is
     selected too is folded in as a last input column of ones; other parameters (norm layers, a
-    bias alone) and every parameter under the ``vmap`` engine use Gaussian rows.
+    bias alone) and every parameter under the ``vmap`` engine use Gaussian rows, as does a Conv
+    layer whose per-example gradient is small and cheaper to form than to project factor by
+    factor (decided from the layer's shape in :func:`skattr.gradients.project`).
 
 Projected features depend on the gradient engine: the structured engine groups a layer's weight
 and bias under one key, the ``vmap`` engine keys each parameter separately, so the two engines
