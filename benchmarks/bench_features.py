@@ -45,7 +45,7 @@ from common import (  # noqa: E402
     train,
 )
 
-KINDS = ("factored", "sparse", "rademacher", "gaussian")
+KINDS = ("factored", "kronecker", "sparse", "rademacher", "gaussian")
 
 
 def parse_args(argv=None):
@@ -138,7 +138,7 @@ def main(argv=None):
           f"(Gram rel err, mean over {args.acc_seeds} seeds):", flush=True)
     curves, kstar = {}, {}
     for kind in args.kinds:
-        kmax = max(args.grid) if kind in ("factored", "sparse") else min(max(args.grid),
+        kmax = max(args.grid) if kind in ("factored", "kronecker", "sparse") else min(max(args.grid),
                                                                         args.dense_kmax)
         grid = [k for k in args.grid if k <= kmax]
         errs = {k: [] for k in grid}

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from .projection import STRUCTURED
+
 __all__ = [
     "KronRecord",
     "DenseRecord",
@@ -367,7 +369,7 @@ def self_gram(rx, mode="trace"):
 def project(records, projector, out=None):
     """Unscaled projected features (n, m, k) of the per-example gradients in ``records``.
 
-    ``out``, if given, is accumulated into.  Under ``projection="factored"`` a Linear / Conv
+    ``out``, if given, is accumulated into.  Under ``"factored"`` / ``"kronecker"`` a Linear / Conv
     weight is projected from its (input, output-gradient) pair, except a layer applied at many
     positions (a Conv layer) whose gradient is small: its factored cost ``O(L k (d_in + m d_out))``
     per example (memory-bound element-wise work) exceeds forming the gradient (``L d_in d_out``)
@@ -379,7 +381,7 @@ def project(records, projector, out=None):
         n, m = records_shape(records)
         out = torch.zeros(n, m, projector.k, device=projector.device, dtype=projector.dtype)
     for r in records:
-        if isinstance(r, KronRecord) and projector.kind == "factored" and not _dense_cheaper(r):
+        if isinstance(r, KronRecord) and projector.kind in STRUCTURED and not _dense_cheaper(r):
             projector.project_factored(r.key, r.a, r.d, out)
         else:
             projector.project_dense(r.key, r.dense(), out)

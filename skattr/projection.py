@@ -35,6 +35,14 @@ Kinds
     layer whose per-example gradient is small and cheaper to form than to project factor by
     factor (decided from the layer's shape in :func:`skattr.gradients.project`).
 
+``"kronecker"``
+    Like ``"factored"``, but rows come in blocks of ``KRON_SIDE**2 = 16``: row ``(b, i, j)`` is
+    ``u_{b,i} (x) v_{b,j}`` for 4 u and 4 v vectors per block, so the cost is
+    ``O(k (d_in + d_out) / 4)`` per example and layer.  Rows sharing a vector are correlated:
+    the variance is higher still (for ``g = g'`` and a rank-one gradient ``Var = 20|g|^4/k``
+    against ``8|g|^4/k``), about 2.5x the rows of ``"factored"`` for the same accuracy at 4x
+    less cost per row.  The choice when featurising speed matters most (LoGra-style).
+
 Projected features depend on the gradient engine: the structured engine groups a layer's weight
 and bias under one key, the ``vmap`` engine keys each parameter separately, so the two engines
 draw different (equally valid) projections from the same ``random_state``.
@@ -48,9 +56,11 @@ import zlib
 
 import torch
 
-__all__ = ["KINDS", "ROW_BLOCK", "Projector", "scale_features"]
+__all__ = ["KINDS", "STRUCTURED", "ROW_BLOCK", "Projector", "scale_features"]
 
-KINDS = ("rademacher", "gaussian", "sparse", "factored")
+KINDS = ("rademacher", "gaussian", "sparse", "factored", "kronecker")
+STRUCTURED = ("factored", "kronecker")  # kinds projecting (input, output-gradient) pairs
+KRON_SIDE = 4  # "kronecker": blocks of KRON_SIDE x KRON_SIDE rows from KRON_SIDE u and v vectors
 ROW_BLOCK = 128  # rows generated per seeded block; part of the projection's definition
 _CACHE_BYTES = 256 * 2**20  # largest dense row block kept per parameter group
 _CACHE_TOTAL = 1024 * 2**20  # and in all, per Projector
@@ -129,7 +139,7 @@ class Projector:
     def project_dense(self, key: str, g: torch.Tensor, out: torch.Tensor) -> None:
         """``out += g @ P_key^T`` for ``g`` of shape (..., p); ``out`` of shape (..., k)."""
         p = g.shape[-1]
-        kind = "gaussian" if self.kind == "factored" else self.kind
+        kind = "gaussian" if self.kind in STRUCTURED else self.kind
         g2 = g.reshape(-1, p)
         o2 = out.view(-1, self.k)
         if kind == "sparse":
@@ -168,7 +178,7 @@ class Projector:
     def caches_dense(self, key: str, p: int) -> bool:
         """Whether the dense rows of group ``key`` (``p`` coordinates) are, or would be, kept in
         memory (a decision that never changes once they are)."""
-        kind = "gaussian" if self.kind == "factored" else self.kind
+        kind = "gaussian" if self.kind in STRUCTURED else self.kind
         if (key, kind) in self._cache:
             return True
         nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
@@ -176,13 +186,23 @@ class Projector:
 
     # -- factored rows on an (input, output-gradient) pair ------------------------------
     def factors(self, key: str, d_out: int, d_in: int):
-        ck = (key, "factored")
+        """``(U, V)``: row factors (``"factored"``: one u and one v per row) or, for
+        ``"kronecker"``, the u and v vectors of the row blocks covering this projector's rows."""
+        ck = (key, self.kind)
         if ck not in self._cache:
-            r0, r1 = self.start, self.start + self.k
-            U = _dense_rows("gaussian", self.seed, key + "|u", r0, r1, d_out, self.dtype)
-            V = _dense_rows("gaussian", self.seed, key + "|v", r0, r1, d_in, self.dtype)
+            r0, r1 = self._factor_range()
+            tag = "|u" if self.kind == "factored" else "|ku"
+            U = _dense_rows("gaussian", self.seed, key + tag, r0, r1, d_out, self.dtype)
+            V = _dense_rows("gaussian", self.seed, key + tag.replace("u", "v"), r0, r1, d_in, self.dtype)
             self._cache[ck] = (U.to(self.device), V.to(self.device))
         return self._cache[ck]
+
+    def _factor_range(self):
+        r0, r1 = self.start, self.start + self.k
+        if self.kind == "factored":
+            return r0, r1
+        b = KRON_SIDE * KRON_SIDE
+        return r0 // b * KRON_SIDE, -(-r1 // b) * KRON_SIDE
 
     def project_factored(self, key, a, d, out):
         """``out += sum_s (U d_s) * (V a_s)``; ``a`` (n, L, d_in), ``d`` (n, L, m, d_out).
@@ -190,6 +210,8 @@ class Projector:
         Rows are processed in chunks of ``_K_CHUNK`` so that the two factor products of a chunk
         stay in cache and are multiplied into ``out`` in one fused pass.
         """
+        if self.kind == "kronecker":
+            return self._project_kronecker(key, a, d, out)
         U, V = self.factors(key, d.shape[-1], a.shape[-1])
         L = a.shape[1]
         for j0 in range(0, self.k, _K_CHUNK):
@@ -203,6 +225,31 @@ class Projector:
                 av = a @ V[j0:j1].T  # (n, L, c)
                 du = d @ U[j0:j1].T  # (n, L, m, c)
                 o += torch.einsum("nlmk,nlk->nmk", du, av)
+
+    def _project_kronecker(self, key, a, d, out):
+        """Row ``(b, i, j)`` of block ``b`` is ``u_{b,i} (x) v_{b,j}``: the feature is
+        ``sum_s (u_{b,i} . delta_s)(v_{b,j} . a_s)``, so a block of ``s^2`` rows costs ``s`` u-
+        and ``s`` v-products (``s = KRON_SIDE``) instead of ``s^2`` each."""
+        s = KRON_SIDE
+        U, V = self.factors(key, d.shape[-1], a.shape[-1])
+        n, L, m = a.shape[0], a.shape[1], d.shape[2]
+        first = self.start // (s * s) * (s * s)  # first row covered by U, V
+        chunk = max(1, _K_CHUNK // (s * s)) * s  # vectors per chunk (whole blocks)
+        for v0 in range(0, U.shape[0], chunk):
+            v1 = min(U.shape[0], v0 + chunk)
+            nb = (v1 - v0) // s
+            av = (a @ V[v0:v1].T).view(n, L, nb, s)
+            du = (d @ U[v0:v1].T).view(n, L, m, nb, s)
+            if L == 1:
+                blk = du[:, 0, :, :, :, None] * av[:, 0, None, :, None, :]
+            else:
+                blk = torch.einsum("nlmbi,nlbj->nmbij", du, av)
+            blk = blk.reshape(n, m, nb * s * s)
+            # rows of this chunk, in this projector's numbering
+            g0 = first + v0 * s - self.start
+            lo, hi = max(g0, 0), min(g0 + nb * s * s, self.k)
+            if hi > lo:
+                out[..., lo:hi] += blk[..., lo - g0 : hi - g0]
 
 
 def scale_features(F: torch.Tensor, k: int) -> torch.Tensor:
