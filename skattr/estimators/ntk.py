@@ -373,7 +373,7 @@ class TraceNTK(_GradientKernel):
         The network (trained, or wrapped as is).
     projection_dim : int or None, default=None
         None computes the exact kernel (structured: no Jacobian is formed for Linear layers).
-    projection : {"factored", "rademacher", "gaussian", "sparse"}, default="factored"
+    projection : {"factored", "kronecker", "rademacher", "gaussian", "sparse"}, default="factored"
         Kind of random projection, see :mod:`skattr.projection`.
     normalize : bool, default=True
     method : {"auto", "structured", "vmap"}, default="auto"

@@ -379,7 +379,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         template whose clones are trained on random subsets (TRAK-k).
     projection_dim : int or None, default=2048
         Dimension ``k`` of the random projection; ``None`` uses the exact per-example gradients.
-    projection : {"factored", "rademacher", "gaussian", "sparse"}, default="factored"
+    projection : {"factored", "kronecker", "rademacher", "gaussian", "sparse"}, default="factored"
         Kind of projection (:mod:`skattr.projection`).  ``"factored"`` never forms a
         per-example gradient of a Linear layer and is much faster for wide layers; a Conv layer
         with a small kernel is projected with dense Gaussian rows when that is cheaper.
