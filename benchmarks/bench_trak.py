@@ -173,7 +173,7 @@ def speed(args):
         skattr_scores(model, Xtr[:32], ytr[:32], Xte[:8], yte[:8], 64, "factored")
         for k in dims:
             t_sk = {}
-            for proj in ("factored", "sparse"):
+            for proj in args.kinds:
                 ts = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
@@ -191,12 +191,16 @@ def speed(args):
                     cname += " (1/4 of the data, x4)"
                 else:
                     _, t_tr = traker_scores(module, Xtr, ytr, Xte, yte, proj_dim=k, block_size=bs)
-                rows.append([arch.upper(), k, cname, t_tr, t_sk["factored"], t_tr / t_sk["factored"],
-                             t_sk["sparse"], t_tr / t_sk["sparse"]])
+                row = [arch.upper(), k, cname, t_tr]
+                for proj in args.kinds:
+                    row += [t_sk[proj], t_tr / t_sk[proj]]
+                rows.append(row)
+                print(" | ".join(str(v) for v in row), flush=True)
+    heads = ["model", "k", "traker CPU config", "traker s"]
+    for proj in args.kinds:
+        heads += [f"skattr {proj} s", "ratio"]
     print_table(
-        rows,
-        ["model", "k", "traker CPU config", "traker s", "skattr factored s", "ratio",
-         "skattr sparse s", "ratio"],
+        rows, heads,
         title=f"Featurise {n_tr} + score {n_te}, one model, CPU, {torch.get_num_threads()} thread(s) "
               "(ratio = traker time / skattr time)",
     )
@@ -279,6 +283,8 @@ def main(argv=None):
     p.add_argument("--n-test", type=int, default=297)
     p.add_argument("--archs", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--kinds", nargs="+", default=["factored", "kronecker"],
+                   help="skattr projection kinds to time")
     p.add_argument("--slow-traker", action="store_true",
                    help="time traker's default config on all the data even when it is slow")
     p.add_argument("--mem-n-train", type=int, default=100_000)

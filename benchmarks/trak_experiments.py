@@ -209,7 +209,7 @@ def seeds_part(args):
                 sk, tk = [], []
                 for seed in range(args.seeds):
                     tr = TRAK(model, models=members[:M], projection_dim=k, ridge=args.ridge,
-                              random_state=seed).fit(Xtr, ytr)
+                              projection=args.projection, random_state=seed).fit(Xtr, ytr)
                     sk.append(ret.score(tr, Xte, yte))
                     sc, _ = traker_ensemble(modules[:M], Xtr, ytr, Xte, yte, k, ensembles=[M],
                                             ridge=args.ridge, seed=seed)
@@ -222,7 +222,7 @@ def seeds_part(args):
                 print(" | ".join(map(str, rows[-1])), flush=True)
         out[arch] = rows
     print_md([r for a in out.values() for r in a],
-             ["model", "k", "models", "skattr TRAK (factored)", "traker (ridge matched)", "skattr - traker"],
+             ["model", "k", "models", f"skattr TRAK ({args.projection})", "traker (ridge matched)", "skattr - traker"],
              f"LDS over {args.seeds} projection seeds (skattr random_state = traker seed = 0..{args.seeds - 1}; "
           f"same members, subsets and ridge={args.ridge:g}; ± is the std over seeds, and the "
           "standard error of the mean paired difference)")
@@ -285,6 +285,7 @@ def main(argv=None):
                    help="an extra skattr-only projection size (rows also for exact TRAK)")
     p.add_argument("--n-subsets", type=int, default=50)
     p.add_argument("--seeds", type=int, default=5, help="projection seeds of the 'seeds' part")
+    p.add_argument("--projection", default="factored", help="skattr's projection in the 'seeds' part")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--verbose", type=int, default=0)
