@@ -40,8 +40,10 @@ Kinds
     ``u_{b,i} (x) v_{b,j}`` for 4 u and 4 v vectors per block, so the cost is
     ``O(k (d_in + d_out) / 4)`` per example and layer.  Rows sharing a vector are correlated:
     the variance is higher still (for ``g = g'`` and a rank-one gradient ``Var = 20|g|^4/k``
-    against ``8|g|^4/k``), about 2.5x the rows of ``"factored"`` for the same accuracy at 4x
-    less cost per row.  The choice when featurising speed matters most (LoGra-style).
+    against ``8|g|^4/k``).  For gradients whose two sides both vary (TRAK's margin) it needs
+    about 1.3x the rows of ``"factored"`` for the same accuracy at 4x less cost per row; when one
+    side is nearly constant (the one-hot output gradients of a trace NTK's last layer) it acts
+    like ``k / 4`` rows and is no faster at equal accuracy.
 
 Projected features depend on the gradient engine: the structured engine groups a layer's weight
 and bias under one key, the ``vmap`` engine keys each parameter separately, so the two engines
