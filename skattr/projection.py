@@ -37,7 +37,8 @@ Kinds
 
 ``"kronecker"``
     Like ``"factored"``, but rows come in blocks of ``KRON_SIDE**2 = 16``: row ``(b, i, j)`` is
-    ``u_{b,i} (x) v_{b,j}`` for 4 u and 4 v vectors per block, so the cost is
+    ``u_{b,i} (x) v_{b,j}`` for 4 u and 4 v vectors per block (16 blocks interleaved per 256
+    rows, block index fastest), so the cost is
     ``O(k (d_in + d_out) / 4)`` per example and layer.  Rows sharing a vector are correlated:
     the variance is higher still (for ``g = g'`` and a rank-one gradient ``Var = 20|g|^4/k``
     against ``8|g|^4/k``).  For gradients whose two sides both vary (TRAK's margin) it needs
@@ -63,6 +64,8 @@ __all__ = ["KINDS", "STRUCTURED", "ROW_BLOCK", "Projector", "scale_features"]
 KINDS = ("rademacher", "gaussian", "sparse", "factored", "kronecker")
 STRUCTURED = ("factored", "kronecker")  # kinds projecting (input, output-gradient) pairs
 KRON_SIDE = 4  # "kronecker": blocks of KRON_SIDE x KRON_SIDE rows from KRON_SIDE u and v vectors
+_KRON_SUPER = 256  # rows per kronecker super-block (16 blocks, interleaved; part of the definition)
+_KRON_VECS = _KRON_SUPER // KRON_SIDE  # u (and v) vectors per super-block
 ROW_BLOCK = 128  # rows generated per seeded block; part of the projection's definition
 _CACHE_BYTES = 256 * 2**20  # largest dense row block kept per parameter group
 _CACHE_TOTAL = 1024 * 2**20  # and in all, per Projector
@@ -203,8 +206,7 @@ class Projector:
         r0, r1 = self.start, self.start + self.k
         if self.kind == "factored":
             return r0, r1
-        b = KRON_SIDE * KRON_SIDE
-        return r0 // b * KRON_SIDE, -(-r1 // b) * KRON_SIDE
+        return r0 // _KRON_SUPER * _KRON_VECS, -(-r1 // _KRON_SUPER) * _KRON_VECS
 
     def project_factored(self, key, a, d, out):
         """``out += sum_s (U d_s) * (V a_s)``; ``a`` (n, L, d_in), ``d`` (n, L, m, d_out).
@@ -229,29 +231,31 @@ class Projector:
                 o += torch.einsum("nlmk,nlk->nmk", du, av)
 
     def _project_kronecker(self, key, a, d, out):
-        """Row ``(b, i, j)`` of block ``b`` is ``u_{b,i} (x) v_{b,j}``: the feature is
-        ``sum_s (u_{b,i} . delta_s)(v_{b,j} . a_s)``, so a block of ``s^2`` rows costs ``s`` u-
-        and ``s`` v-products (``s = KRON_SIDE``) instead of ``s^2`` each."""
-        s = KRON_SIDE
+        """Rows come in super-blocks of ``_KRON_SUPER = 256``: 16 blocks ``b``, each with
+        ``s = KRON_SIDE`` u and v vectors; row ``(i * s + j) * 16 + b`` of a super-block is
+        ``u_{b,i} (x) v_{b,j}``, whose feature is ``sum_s (u_{b,i} . delta_s)(v_{b,j} . a_s)``.
+        A block of ``s^2`` rows costs ``s`` u- and ``s`` v-products instead of ``s^2`` each, and
+        the block index runs fastest so the products are formed along contiguous memory."""
+        s, nbs = KRON_SIDE, _KRON_SUPER // (KRON_SIDE * KRON_SIDE)
         U, V = self.factors(key, d.shape[-1], a.shape[-1])
         n, L, m = a.shape[0], a.shape[1], d.shape[2]
-        first = self.start // (s * s) * (s * s)  # first row covered by U, V
-        chunk = max(1, _K_CHUNK // (s * s)) * s  # vectors per chunk (whole blocks)
-        for v0 in range(0, U.shape[0], chunk):
-            v1 = min(U.shape[0], v0 + chunk)
-            nb = (v1 - v0) // s
-            av = (a @ V[v0:v1].T).view(n, L, nb, s)
-            du = (d @ U[v0:v1].T).view(n, L, m, nb, s)
+        first = self.start // _KRON_SUPER * _KRON_SUPER  # first row covered by U, V
+        for v0 in range(0, U.shape[0], _KRON_VECS):
+            v1 = v0 + _KRON_VECS
+            av = (a @ V[v0:v1].T).view(n, L, nbs, s).transpose(-1, -2).contiguous()  # (n, L, s, b)
+            du = (d @ U[v0:v1].T).view(n, L, m, nbs, s).transpose(-1, -2).contiguous()
+            g0 = first + v0 // _KRON_VECS * _KRON_SUPER - self.start
+            lo, hi = max(g0, 0), min(g0 + _KRON_SUPER, self.k)
+            if L == 1 and lo == g0 and hi == g0 + _KRON_SUPER:  # a whole super-block: fused
+                o = out[..., lo:hi].unflatten(-1, (s, s, nbs))
+                o.addcmul_(du[:, 0, :, :, None, :], av[:, 0, None, None, :, :])
+                continue
             if L == 1:
-                blk = du[:, 0, :, :, :, None] * av[:, 0, None, :, None, :]
+                blk = du[:, 0, :, :, None, :] * av[:, 0, None, None, :, :]
             else:
-                blk = torch.einsum("nlmbi,nlbj->nmbij", du, av)
-            blk = blk.reshape(n, m, nb * s * s)
-            # rows of this chunk, in this projector's numbering
-            g0 = first + v0 * s - self.start
-            lo, hi = max(g0, 0), min(g0 + nb * s * s, self.k)
-            if hi > lo:
-                out[..., lo:hi] += blk[..., lo - g0 : hi - g0]
+                blk = torch.einsum("nlmib,nljb->nmijb", du, av)
+            blk = blk.reshape(n, m, _KRON_SUPER)
+            out[..., lo:hi] += blk[..., lo - g0 : hi - g0]
 
 
 def scale_features(F: torch.Tensor, k: int) -> torch.Tensor:

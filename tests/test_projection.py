@@ -107,7 +107,7 @@ def test_rows_give_unbiased_inner_products(kind):
     for i, j in [(0, 0), (1, 1), (0, 1)]:
         est = Fe[i] * Fe[j]  # per-row estimates
         if kind == "kronecker":  # rows are correlated within a block; blocks are independent
-            est = est.reshape(-1, 16).mean(1)
+            est = est.reshape(-1, 16, 16).mean(1).flatten()  # super-block rows: (i, j) x block
         truth = float(grads[i] @ grads[j])
         se = float(est.std()) / np.sqrt(est.numel())
         assert abs(float(est.mean()) - truth) < 5 * se, (kind, i, j, float(est.mean()), truth, se)
@@ -278,21 +278,24 @@ def test_identical_across_processes(tmp_path):
 
 
 def test_kronecker_rows_are_block_kronecker_products():
-    """Row (b, i, j) of the "kronecker" projection is u_{b,i} (x) v_{b,j}, read off the factors;
-    and the rows of any start/size are those of the full projection."""
+    """Row (i * 4 + j) * 16 + b of a 256-row super-block of the "kronecker" projection is
+    u_{b,i} (x) v_{b,j} (block b of the super-block), read off the factors; and the rows of any
+    start/size are those of the full projection, across super-blocks."""
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 1, 6, generator=g, dtype=torch.float64)
     d = torch.randn(3, 1, 2, 5, generator=g, dtype=torch.float64)
     G = torch.einsum("nlmo,nli->nmoi", d, a).flatten(2)  # (n, m, 30)
-    F = _factored_features(70, a, d, seed=4, kind="kronecker")
-    U, V = Projector("kronecker", 70, 4, dtype=torch.float64).factors("w", 5, 6)
-    assert U.shape == (20, 5) and V.shape == (20, 6)  # 5 blocks of 16 rows cover 70 rows
-    for r in (0, 5, 17, 47, 69):
-        b, i, j = r // 16, r % 16 // 4, r % 4
+    F = _factored_features(300, a, d, seed=4, kind="kronecker")
+    U, V = Projector("kronecker", 300, 4, dtype=torch.float64).factors("w", 5, 6)
+    assert U.shape == (128, 5) and V.shape == (128, 6)  # 2 super-blocks of 64 vectors
+    for r in (0, 5, 17, 47, 69, 255, 256, 299):
+        sb, t = divmod(r, 256)
+        b, i, j = sb * 16 + t % 16, t // 16 // 4, t // 16 % 4
         row = torch.outer(U[4 * b + i], V[4 * b + j]).flatten()
         torch.testing.assert_close(F[..., r], G @ row, rtol=1e-12, atol=1e-12)
-    part = _factored_features(30, a, d, seed=4, start=21, kind="kronecker")
-    torch.testing.assert_close(part, F[..., 21:51], rtol=1e-12, atol=1e-12)
+    for start, k in ((21, 30), (200, 90), (256, 10)):
+        part = _factored_features(k, a, d, seed=4, start=start, kind="kronecker")
+        torch.testing.assert_close(part, F[..., start:start + k], rtol=1e-12, atol=1e-12)
 
 
 def test_projector_rejects_bad_arguments():
