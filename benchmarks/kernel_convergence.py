@@ -21,7 +21,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, load_digits_data, make_cnn, make_mlp, print_table, setup, train  # noqa: E402
