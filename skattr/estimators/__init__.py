@@ -1,6 +1,18 @@
 """Kernel and attribution estimators, one module per method family."""
 
+from .concept import ConceptProbe, remove_and_retrain
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
+from .trak import TRAK
 
-__all__ = ["LossKernel", "TraceNTK", "PseudoNTK", "EmpiricalNTK", "GradCosKernel", "EmbeddingKernel"]
+__all__ = [
+    "TRAK",
+    "ConceptProbe",
+    "remove_and_retrain",
+    "LossKernel",
+    "TraceNTK",
+    "PseudoNTK",
+    "EmpiricalNTK",
+    "GradCosKernel",
+    "EmbeddingKernel",
+]
