@@ -197,7 +197,7 @@ def _unfold(mod, x):
     return cols.transpose(1, 2)
 
 
-def _structured(module, specs, x, output, y, loss):
+def _structured(module, specs, x, output, y, loss, outputs=None):
     captured = {}
 
     def make_hook(name):
@@ -214,6 +214,8 @@ def _structured(module, specs, x, output, y, loss):
             z = module(x)
             if z.ndim == 1:
                 z = z[:, None]
+            if outputs is not None:
+                outputs["logits"] = z.detach()
             vals = output_values(output, z, y, loss)
             names = [n for n in specs if n in captured]
             for n in names:
@@ -305,10 +307,13 @@ def _vmap(module, prefixes, x, output, y, loss):
     return [DenseRecord(k, jac[k].reshape(n, jac[k].shape[1], -1)) for k in names]
 
 
-def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=None, method="auto"):
+def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=None, method="auto",
+                    outputs=None):
     """Records of per-example gradients of ``output`` for the batch ``x``.
 
-    ``module`` must be in eval mode (examples independent of each other).
+    ``module`` must be in eval mode (examples independent of each other).  A dict passed as
+    ``outputs`` receives the batch's network outputs (n, C) under ``"logits"`` (from the same
+    forward pass when the structured engine runs).
     """
     if y is None:
         y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -317,11 +322,15 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
         if reason is None:
             specs = _selected(module, prefixes)
             try:
-                return _structured(module, specs, x, output, y, loss)
+                return _structured(module, specs, x, output, y, loss, outputs)
             except _Unsupported as exc:
                 reason = str(exc)
         if method == "structured":
             raise ValueError(f"The structured gradient engine cannot handle this model: {reason}.")
+    if outputs is not None:
+        with torch.no_grad():
+            z = module(x)
+        outputs["logits"] = z[:, None] if z.ndim == 1 else z
     return _vmap(module, prefixes, x, output, y, loss)
 
 

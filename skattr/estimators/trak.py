@@ -647,10 +647,10 @@ class TRAK(TransformerMixin, BaseEstimator):
         return self._train_members(X, y, M)
 
     # ------------------------------------------------------------------ features
-    def _records(self, member, net, xb, yb):
+    def _records(self, member, net, xb, yb, outputs=None):
         return _grad.compute_records(
             net, xb, output=self.output_, y=yb, loss=member._loss_fn,
-            prefixes=self.output_.prefixes(member.prefixes_), method=self.method,
+            prefixes=self.output_.prefixes(member.prefixes_), method=self.method, outputs=outputs,
         )
 
     def _featurize_rows(self, j, X, y_enc, r0, r1):
@@ -663,14 +663,14 @@ class TRAK(TransformerMixin, BaseEstimator):
             i1 = min(r1, i0 + bs)
             xb = member.to_tensor(X[i0:i1])
             yb = None if y_enc is None else y_enc[i0:i1]
-            recs = self._records(member, net, xb, yb)
+            outs = {}
+            recs = self._records(member, net, xb, yb, outputs=outs)
             if self.projection_dim is None:
                 F = _grad.flatten(recs)[:, 0]
             else:
                 F = scale_features(_grad.project(recs, self._projector(member, j)), self.feature_dim_)[:, 0]
             with torch.no_grad():
-                z = net(xb)
-                z = z[:, None] if z.ndim == 1 else z
+                z = outs["logits"]  # from the gradients' own forward pass
                 q = self.output_.q(z, yb if yb is not None else torch.zeros(len(xb), dtype=torch.long, device=z.device))
             Fs.append(F.detach().cpu().numpy())
             Qs.append(q.detach().cpu().numpy())
@@ -833,9 +833,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         G = st.load_array(name, mmap=False)
         if G is not None and G.shape == shape:
             return torch.from_numpy(np.array(G, dtype=np.float64)).to(self._device)
-        # products in the features' precision (float64 for ridge=0, where the rank decides),
-        # accumulated over blocks in float64
-        wide = torch.float64 if (st.dtype == "float64" or float(self.ridge) == 0.0) else torch.float32
+        wide = self._product_dtype()
         dev = self._device
         if self.solver_ == "primal":
             G = torch.zeros(k, k, dtype=torch.float64, device=dev)
@@ -849,13 +847,22 @@ class TRAK(TransformerMixin, BaseEstimator):
             for i, (r0, r1, F, _) in enumerate(blocks):
                 Fa = self._block(F, wide)
                 for s0, s1, F2, _ in blocks[i:]:
-                    Gb = (Fa @ (Fa if s0 == r0 else self._block(F2, wide)).T).to(torch.float64)
+                    if s0 == r0:
+                        G[r0:r1, r0:r1] = _sym_gram(Fa)
+                        continue
+                    Gb = (Fa @ self._block(F2, wide).T).to(torch.float64)
                     G[r0:r1, s0:s1] = Gb
-                    if s0 != r0:
-                        G[s0:s1, r0:r1] = Gb.T
+                    G[s0:s1, r0:r1] = Gb.T
         if self.store_ is not None:
             st.save_array(name, G.cpu().numpy())
         return G
+
+    def _product_dtype(self):
+        # products of features in their own precision (float64 for ridge=0, where the rank
+        # decides), accumulated and solved in float64
+        if self._features.dtype == "float64" or float(self.ridge) == 0.0:
+            return torch.float64
+        return torch.float32
 
     def _finalize(self):
         n, k, M = self.n_train_, self.feature_dim_, len(self.models_)
@@ -939,18 +946,20 @@ class TRAK(TransformerMixin, BaseEstimator):
         dev = self._device
         S = torch.zeros(t, n, dtype=torch.float64, device=dev)
         st = self._features
+        wide = self._product_dtype()
         for m in _progress(range(M), M, self.verbose, "TRAK: scoring"):
             G, _ = self._featurize_rows(m, X, y_enc[m], 0, t)
-            G = self._block(G)  # (t, k)
             L = torch.from_numpy(self.factors_[m]).to(dev)
             if self.solver_ == "primal":
-                T = torch.cholesky_solve(G.T, L).T  # (t, k)
+                # the solve in float64, the (t, k) x (k, n) product in the features' precision
+                T = torch.cholesky_solve(self._block(G).T, L).T.to(wide)  # (t, k)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    S[:, r0:r1] += T @ self._block(F).T
+                    S[:, r0:r1] += T @ self._block(F, wide).T
             else:
+                G = self._block(G, wide)  # (t, k)
                 B = torch.empty(t, n, dtype=torch.float64, device=dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    B[:, r0:r1] = G @ self._block(F).T
+                    B[:, r0:r1] = G @ self._block(F, wide).T
                 S += torch.cholesky_solve(B.T, L).T
         S /= M
         S *= torch.from_numpy(self.q_).to(dev)[None, :]
@@ -990,6 +999,19 @@ class TRAK(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float64"]
         tags.non_deterministic = False
         return tags
+
+
+def _sym_gram(F, rows=512):
+    """``F @ F.T`` in float64 from products in F's precision, computing only the upper
+    triangle's row blocks (half the flops of the full product)."""
+    n = F.shape[0]
+    G = torch.empty(n, n, dtype=torch.float64, device=F.device)
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        blk = (F[i0:i1] @ F[i0:].T).to(torch.float64)  # (b, n - i0)
+        G[i0:i1, i0:] = blk
+        G[i1:, i0:i1] = blk[:, i1 - i0:].T
+    return G
 
 
 def template_hash(model):
