@@ -390,8 +390,15 @@ def project(records, projector, out=None):
         n, m = records_shape(records)
         out = torch.zeros(n, m, projector.k, device=projector.device, dtype=projector.dtype)
     for r in records:
-        if isinstance(r, KronRecord) and projector.kind in STRUCTURED and not _dense_cheaper(r):
-            projector.project_factored(r.key, r.a, r.d, out)
+        if isinstance(r, KronRecord) and projector.kind in STRUCTURED:
+            if not _dense_cheaper(r):
+                projector.project_factored(r.key, r.a, r.d, out)
+            elif projector.kind == "kronecker":  # the same rows, applied to the formed gradient
+                g = r.dense()
+                projector.project_kronecker_dense(
+                    r.key, g.view(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), out)
+            else:
+                projector.project_dense(r.key, r.dense(), out)
         else:
             projector.project_dense(r.key, r.dense(), out)
     return out

@@ -303,3 +303,19 @@ def test_projector_rejects_bad_arguments():
         Projector("bogus", 4, 0)
     with pytest.raises(ValueError, match="projection_dim must be a positive integer"):
         Projector("gaussian", 0, 0)
+
+
+@pytest.mark.parametrize("L", [1, 5])
+def test_kronecker_rows_on_formed_gradients_match_factored(L):
+    """A Conv layer whose gradient is cheaper to form is projected with the same kronecker rows
+    applied to the formed gradient: identical features for any start and size."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(3, L, 7, generator=g, dtype=torch.float64)
+    d = torch.randn(3, L, 2, 5, generator=g, dtype=torch.float64)
+    G = torch.einsum("nlmo,nli->nmoi", d, a)
+    for k, start in ((300, 0), (70, 200), (16, 0)):
+        o1 = torch.zeros(3, 2, k, dtype=torch.float64)
+        o2 = torch.zeros(3, 2, k, dtype=torch.float64)
+        Projector("kronecker", k, 3, start=start, dtype=torch.float64).project_factored("w", a, d, o1)
+        Projector("kronecker", k, 3, start=start, dtype=torch.float64).project_kronecker_dense("w", G, o2)
+        torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
