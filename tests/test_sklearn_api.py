@@ -331,13 +331,13 @@ def test_feature_cache_gram_serves_sizes_and_folds(trained):
 @pytest.mark.parametrize("cls", [TraceNTK, PseudoNTK, GradCosKernel, EmpiricalNTK])
 def test_fit_transform_equals_fit_then_transform(trained, cls, projection_dim):
     model, X, y = trained
-    kw = {"output": "blocks"} if cls is EmpiricalNTK else {}
-    est = cls(model, projection_dim=projection_dim, **kw)
-    for fit_y in (None, y) if cls is GradCosKernel else (None,):
-        # Grad-Cos fitted with labels y uses them for the fit set only: fit_transform must still
-        # equal fit(X, y).transform(X), which takes the network's predictions
-        np.testing.assert_allclose(est.fit_transform(X, fit_y), clone(est).fit(X, fit_y).transform(X),
-                                   rtol=1e-5, atol=1e-6)
+    for kw in ({"output": "blocks"}, {"output": "flat"}) if cls is EmpiricalNTK else ({},):
+        est = cls(model, projection_dim=projection_dim, **kw)
+        for fit_y in (None, y) if cls is GradCosKernel else (None,):
+            # Grad-Cos fitted with labels y uses them for the fit set only: fit_transform must
+            # still equal fit(X, y).transform(X), which takes the network's predictions
+            np.testing.assert_allclose(est.fit_transform(X, fit_y),
+                                       clone(est).fit(X, fit_y).transform(X), rtol=1e-5, atol=1e-6)
 
 
 def test_cached_cnn_features_extend_like_one_call():

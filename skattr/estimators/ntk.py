@@ -322,7 +322,10 @@ class _GradientKernel(_BaseKernel):
         """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit)."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        return self._to_numpy(self._transform_tensor(X))
+        return self._format(self._transform_tensor(X))
+
+    def _format(self, K):
+        return self._to_numpy(K)
 
     def fit_transform(self, X, y=None):
         """``fit(X, y).transform(X)``, reusing the reference set's gradients instead of computing
@@ -330,7 +333,7 @@ class _GradientKernel(_BaseKernel):
         self.fit(X, y)
         if not self._fit_reusable:  # fit used labels y that transform would not use
             return self.transform(X)
-        return self._to_numpy(self._transform_tensor(None))
+        return self._format(self._transform_tensor(None))
 
     def diagonal(self, X):
         """``K(x, x)`` for each sample (1 when ``normalize=True``), shape (n_samples,)."""
@@ -499,9 +502,9 @@ class EmpiricalNTK(TraceNTK):
 
     def transform(self, X):
         """``(n * C, n_fit * C)`` for ``output="flat"``, ``(n, n_fit, C, C)`` for "blocks"."""
-        check_is_fitted(self)
-        X = self._validate(X, reset=False)
-        K = self._transform_tensor(X)
+        return super().transform(X)
+
+    def _format(self, K):
         if self.output == "flat":
             n, nf, C, _ = K.shape
             K = K.permute(0, 2, 1, 3).reshape(n * C, nf * C)

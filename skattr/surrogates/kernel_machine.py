@@ -104,7 +104,7 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         self.kernel_ = clone(self.kernel)
         if isinstance(self.kernel_, EmpiricalNTK):
             self.kernel_.set_params(output="flat")
-        K = self.kernel_.fit(X, y).transform(X)
+        K = self.kernel_.fit_transform(X, y)  # the fit set's gradients computed once
         model = self.kernel_.model_
         self.estimator_ = _make_estimator(self.estimator, self.random_state)
         classifier = is_classifier(self.estimator_)
