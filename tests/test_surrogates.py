@@ -133,7 +133,8 @@ def test_vector_valued_krr_on_the_empirical_ntk(multi):
     Kf = EmpiricalNTK(model).fit(X).transform(X)  # (n*C, n*C)
     Ktf = EmpiricalNTK(model).fit(X).transform(Xt)
     Z = model.decision_function(X).astype(np.float64)
-    dual = np.linalg.solve(Kf + 1e-3 * np.eye(len(Kf)), Z.ravel())
+    alpha = 1e-3 * np.diag(Kf).mean()  # "krr": a ridge relative to the kernel's scale
+    dual = np.linalg.solve(Kf + alpha * np.eye(len(Kf)), Z.ravel())
     np.testing.assert_allclose(sur.decision_function(Xt), (Ktf @ dual).reshape(-1, 3), rtol=1e-5,
                                atol=1e-7)
 

@@ -52,7 +52,8 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
     estimator : {"kglm", "svc", "krr", "svr"} or sklearn estimator, default="kglm"
         "kglm": ``SGDClassifier(loss="log_loss", penalty="l2", alpha=1e-4,
         class_weight="balanced")`` on the kernel matrix used as features (the eNTK paper's kGLM);
-        "svc": ``SVC(kernel="precomputed")``; "krr": ``KernelRidge(kernel="precomputed")``
+        "svc": ``SVC(kernel="precomputed")``; "krr": ``KernelRidge(kernel="precomputed")`` with
+        ``alpha = 1e-3 x`` the mean diagonal of the training kernel (1e-3 for a normalised kernel),
         regressing the network's logits (or, for a regression network, its outputs); "svr":
         ``SVR(kernel="precomputed")`` on a single output.  Any estimator taking the kernel matrix
         as ``X``.  A regression network (``task="regression"``) needs a regressor ("krr",
@@ -107,6 +108,12 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         K = self.kernel_.fit_transform(X, y)  # the fit set's gradients computed once
         model = self.kernel_.model_
         self.estimator_ = _make_estimator(self.estimator, self.random_state)
+        if isinstance(self.estimator, str) and self.estimator == "krr":
+            # a ridge relative to the kernel's scale: 1e-3 for a normalised kernel, and for an
+            # unnormalised one still well above float32 rounding of its largest eigenvalues
+            # (which would otherwise make K + alpha I indefinite and send KernelRidge to lstsq)
+            scale = float(np.mean(np.diag(K))) if K.shape[0] == K.shape[1] else 1.0
+            self.estimator_.set_params(alpha=1e-3 * (scale if np.isfinite(scale) and scale > 0 else 1.0))
         classifier = is_classifier(self.estimator_)
         if model.task == "regression" and classifier:
             raise ValueError(
