@@ -55,7 +55,23 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class FeatureStore:
+class BlockLayout:
+    """Rows ``0:n_rows`` split into blocks of ``block_size`` (shared by the feature stores)."""
+
+    n_rows: int
+    block_size: int
+
+    @property
+    def n_blocks(self):
+        return -(-self.n_rows // self.block_size)
+
+    def block_range(self, b):
+        """``(start, stop)`` rows of block ``b``."""
+        r0 = b * self.block_size
+        return r0, min(self.n_rows, r0 + self.block_size)
+
+
+class FeatureStore(BlockLayout):
     """Per-model feature blocks ``(rows, dim)`` with a per-row scalar, on disk.
 
     Parameters
@@ -157,15 +173,6 @@ class FeatureStore:
         _atomic_write_text(self._manifest_path, json.dumps(man, indent=1))
 
     # ------------------------------------------------------------------ blocks
-    @property
-    def n_blocks(self):
-        return -(-self.n_rows // self.block_size)
-
-    def block_range(self, b):
-        """``(start, stop)`` rows of block ``b``."""
-        r0 = b * self.block_size
-        return r0, min(self.n_rows, r0 + self.block_size)
-
     def _file(self, m, b, what="f"):
         return self.path / f"m{m:03d}_b{b:06d}.{what}.npy"
 

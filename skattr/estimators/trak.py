@@ -49,7 +49,7 @@ from .. import gradients as _grad
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..model import TorchModel
 from ..projection import KINDS, Projector, scale_features
-from ..store import FeatureStore, config_key
+from ..store import BlockLayout, FeatureStore, config_key
 
 __all__ = [
     "TRAK",
@@ -315,7 +315,7 @@ def output_values(model, X, y=None, output="margin", batch_size=None):
 # ==========================================================================================
 # in-memory counterpart of the feature store
 # ==========================================================================================
-class _MemoryStore:
+class _MemoryStore(BlockLayout):
     """The :class:`FeatureStore` interface over arrays in memory (one block per model)."""
 
     def __init__(self, n_rows, dim, n_models, block_size, dtype):
@@ -326,14 +326,6 @@ class _MemoryStore:
         self.Q = [np.empty(n_rows, dtype=dtype) for _ in range(n_models)]
         self._done = [set() for _ in range(n_models)]
         self.arrays = {}
-
-    @property
-    def n_blocks(self):
-        return -(-self.n_rows // self.block_size)
-
-    def block_range(self, b):
-        r0 = b * self.block_size
-        return r0, min(self.n_rows, r0 + self.block_size)
 
     def missing(self, m=None):
         models = range(self.n_models) if m is None else [m]
