@@ -651,9 +651,10 @@ class TRAK(TransformerMixin, BaseEstimator):
         net = self.output_.network(member._network())
         bs = int(self.batch_size or member.batch_size_eval)
         Fs, Qs = [], []
+        Xt = member.to_tensor(X[r0:r1])  # validated and converted once
         for i0 in range(r0, r1, bs):
             i1 = min(r1, i0 + bs)
-            xb = member.to_tensor(X[i0:i1])
+            xb = Xt[i0 - r0 : i1 - r0]
             yb = None if y_enc is None else y_enc[i0:i1]
             outs = {}
             recs = self._records(member, net, xb, yb, outputs=outs)
@@ -830,8 +831,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         if self.solver_ == "primal":
             G = torch.zeros(k, k, dtype=torch.float64, device=dev)
             for _, _, F, _ in st.iter_blocks(m):
-                Fb = self._block(F, wide)
-                G += (Fb.T @ Fb).to(torch.float64)
+                G += _sym_gram(self._block(F, wide).T)  # Phi_b^T Phi_b, upper half computed
         else:
             check_memory(n * n * 8, f"The {n} x {n} dual Gram matrix")
             G = torch.zeros(n, n, dtype=torch.float64, device=dev)
