@@ -397,7 +397,7 @@ class TRAK(TransformerMixin, BaseEstimator):
     ridge : float >= 0, default=1.0
         Relative ridge: ``lambda = ridge * mean_i |phi_i|^2`` (1.0: the squared norm of a typical
         training feature), so it does not depend on the scale of the gradients or on
-        ``projection_dim``; 1.0 gave the best LDS on digits (benchmarks/README_trak.md).
+        ``projection_dim``; 1.0 gave the best LDS on digits (benchmarks/README.md, section 4).
         0 inverts ``Phi^T Phi`` (or ``Phi Phi^T`` when ``k > n``) exactly and raises if it is
         singular.
     store : str, path-like or None, default=None
