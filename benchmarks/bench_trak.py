@@ -158,7 +158,16 @@ def skattr_scores(model, Xtr, ytr, Xte, yte, k, projection):
 def speed(args):
     X, y = load_digits_data()
     n_tr, n_te = (128, 32) if args.quick else (args.n_train, args.n_test)
-    Xtr, ytr, Xte, yte = X[:n_tr], y[:n_tr], X[-n_te:], y[-n_te:]
+    Xte, yte = X[-n_te:], y[-n_te:]
+    if n_tr <= len(X) - n_te:
+        Xtr, ytr = X[:n_tr], y[:n_tr]
+    else:  # more training points than digits: jittered copies (pixel noise, seeded)
+        rng = np.random.default_rng(0)
+        idx = rng.integers(0, len(X) - n_te, n_tr)
+        Xtr = np.clip(X[idx] + rng.normal(0, 0.05, (n_tr, X.shape[1])), 0, 1).astype(np.float32)
+        ytr = y[idx]
+        print(f"n_train {n_tr} > digits available: jittered copies of the first "
+              f"{len(X) - n_te} digits (Gaussian pixel noise, sd 0.05)")
     dims = [512] if args.quick else args.dims
     rows = []
     for arch in args.archs:
@@ -279,7 +288,8 @@ def main(argv=None):
         return _memory_child(int(a[0]), int(a[1]), int(a[2]), a[3], int(a[4]))
     p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--part", choices=["speed", "memory", "all"], default="all")
-    p.add_argument("--n-train", type=int, default=1500)
+    p.add_argument("--n-train", type=int, default=1500,
+                   help="training points (above 1,500: jittered copies of the digits)")
     p.add_argument("--n-test", type=int, default=297)
     p.add_argument("--archs", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     p.add_argument("--dims", type=int, nargs="+", default=[512, 2048])
