@@ -66,14 +66,14 @@ def _check_explain(sur, Xt):
         np.testing.assert_allclose(Et.sum(1) + (b[0] if b.size else 0), D[:, 0], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("estimator", ["kglm", "krr"])
+@pytest.mark.parametrize("estimator", ["kglm", "klr", "krr"])
 def test_explain_sums_to_decision_multiclass(multi, estimator):
     model, X, y, Xt, _ = multi
     sur = KernelSurrogate(TraceNTK(model), estimator).fit(X)
     _check_explain(sur, Xt)
 
 
-@pytest.mark.parametrize("estimator", ["kglm", "svc", "krr"])
+@pytest.mark.parametrize("estimator", ["kglm", "klr", "svc", "krr"])
 def test_explain_sums_to_decision_binary(binary, estimator):
     model, X, y, Xt, _ = binary
     sur = KernelSurrogate(TraceNTK(model), estimator).fit(X)
@@ -112,6 +112,19 @@ def test_default_targets_are_the_network_predictions(multi):
     np.testing.assert_allclose(sur.decision_function(Xt), ref.decision_function(Kt), rtol=1e-10)
     np.testing.assert_array_equal(sur.predict(Xt), ref.predict(Kt))
     np.testing.assert_array_equal(sur.classes_, ref.classes_)
+
+
+def test_klr_is_logistic_regression_on_the_kernel(multi):
+    """'klr' is the kGLM solved to convergence: sklearn's LogisticRegression on K(X, X)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model, X, _, Xt, _ = multi
+    sur = KernelSurrogate(TraceNTK(model), "klr").fit(X)
+    K = TraceNTK(model).fit(X).transform(X)
+    ref = LogisticRegression(C=1.0, max_iter=5000).fit(K, model.predict(X))
+    Kt = TraceNTK(model).fit(X).transform(Xt)
+    np.testing.assert_allclose(sur.predict_proba(Xt), ref.predict_proba(Kt), rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(sur.predict(Xt), ref.predict(Kt))
 
 
 def test_krr_regresses_the_network_logits(multi):

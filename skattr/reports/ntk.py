@@ -100,7 +100,7 @@ def ntk_report(outdir, *, random_state=0, quick=False, verbose=1):
         cache = FeatureCache()
         exact, proj = _kernels(model, C, dims, cache, quick)
         for name, kern in exact + proj:
-            for est in ("kglm", "svc", "krr"):
+            for est in ("kglm", "klr", "svc", "krr"):
                 if isinstance(kern, EmpiricalNTK) and est != "krr":
                     continue
                 t = time.perf_counter()
