@@ -244,7 +244,7 @@ def test_bad_kernel_settings(data):
         EmbeddingKernel(model, layer="nope").fit(X)
     with pytest.raises(ValueError, match="no nn.Linear layer; pass layer="):
         EmbeddingKernel(TorchModel(nn.Sequential(nn.Conv1d(1, 2, 1)), dtype="float64")).fit(X[:, None])
-    with pytest.raises(ValueError, match="estimator must be 'kglm', 'svc', 'krr'"):
+    with pytest.raises(ValueError, match="estimator must be 'kglm', 'klr', 'svc', 'krr', 'svr'"):
         KernelSurrogate(TraceNTK(model), "bogus").fit(X)
     with pytest.raises(ValueError, match="needs a regressor such as 'krr'"):
         KernelSurrogate(EmpiricalNTK(model), "svc").fit(X)
