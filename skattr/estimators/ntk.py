@@ -186,11 +186,10 @@ class _GradientKernel(_BaseKernel):
 
     def _cached_gram(self, hx):
         """``(K(X, X_fit), K(X, X))`` unnormalised, from ``memory``'s Gram, or ``None``."""
-        hf = getattr(self, "_fit_hashes", None)
-        if self.memory is None or self._mode != "trace" or hx is None or hf is None:
+        if self.memory is None or self._mode != "trace" or hx is None:
             return None
         k = int(self.projection_dim)
-        out = self.memory.gram(self._cache_key(), hx, hf, k)
+        out = self.memory.gram(self._cache_key(), hx, self._fit_hashes, k)
         return None if out is None else (out[0] / k, out[1] / k)
 
     def _check_size(self, n, m):
@@ -234,8 +233,6 @@ class _GradientKernel(_BaseKernel):
             self.features_ = scale_features(F, int(self.projection_dim))
             self.fit_diag_ = self._feat_self(self.features_)
         self.n_fit_ = int(Xt.shape[0])
-        # transform(X_fit) would compute the same gradients unless fit used other labels
-        self._fit_reusable = yt is None or torch.equal(yt, self._labels(Xt, None))
         return self
 
     def _n_out(self):
@@ -270,7 +267,7 @@ class _GradientKernel(_BaseKernel):
         """
         if X is None:
             if self.projection_dim is not None:
-                cached = self._cached_gram(getattr(self, "_fit_hashes", None))
+                cached = self._cached_gram(self._fit_hashes)
                 if cached is not None:
                     yield 0, cached[0].shape[0], cached[0], cached[1]
                     return
@@ -331,8 +328,11 @@ class _GradientKernel(_BaseKernel):
         """``fit(X, y).transform(X)``, reusing the reference set's gradients instead of computing
         them twice (what a :class:`~sklearn.pipeline.Pipeline` calls when it fits)."""
         self.fit(X, y)
-        if not self._fit_reusable:  # fit used labels y that transform would not use
-            return self.transform(X)
+        if y is not None:  # transform(X) uses the network's labels: reuse only if they agree
+            Xt = self.model_.to_tensor(X)
+            yt = self._labels(Xt, y)
+            if yt is not None and not torch.equal(yt, self._labels(Xt, None)):
+                return self.transform(X)
         return self._format(self._transform_tensor(None))
 
     def diagonal(self, X):
@@ -500,11 +500,8 @@ class EmpiricalNTK(TraceNTK):
         )
         self.output = output
 
-    def transform(self, X):
-        """``(n * C, n_fit * C)`` for ``output="flat"``, ``(n, n_fit, C, C)`` for "blocks"."""
-        return super().transform(X)
-
     def _format(self, K):
+        # transform: (n * C, n_fit * C) for output="flat", (n, n_fit, C, C) for "blocks"
         if self.output == "flat":
             n, nf, C, _ = K.shape
             K = K.permute(0, 2, 1, 3).reshape(n * C, nf * C)
