@@ -93,8 +93,6 @@ class FeatureCache:
             if k not in grams and self.gram_nbytes() + N * N * isz > (self.max_gram_bytes or 0):
                 return None
             G = self._gram_at(e, k)
-            if G is None:
-                return None
             ix = torch.as_tensor([idx[h] for h in hx], device=G.device)
             jf = torch.as_tensor([idx[h] for h in hf], device=G.device)
             return G.index_select(0, ix).index_select(1, jf), G.diagonal()[ix]
@@ -102,7 +100,6 @@ class FeatureCache:
     def _gram_at(self, e, k):
         """The Gram at size k over all cached rows (extended to new rows as needed)."""
         F, grams = e["F"], e["grams"]
-        N = F.shape[0]
         if k in grams:
             G = _extend_gram(grams[k], F, k)
         else:
@@ -115,8 +112,6 @@ class FeatureCache:
             else:
                 A = F[..., :k].flatten(1)
                 G = A @ A.T
-        if G.shape[0] != N:
-            return None
         grams[k] = G
         return G
 
