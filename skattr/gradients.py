@@ -382,8 +382,8 @@ def project(records, projector, out=None):
     weight is projected from its (input, output-gradient) pair, except a layer applied at many
     positions (a Conv layer) whose gradient is small: its factored cost ``O(L k (d_in + m d_out))``
     per example (memory-bound element-wise work) exceeds forming the gradient (``L d_in d_out``)
-    and multiplying it by cached dense Gaussian rows (``O(m d_in d_out k)``), which is then used
-    (about 10x faster on a small CNN).  Both row sets are seeded per parameter group and nested,
+    and projecting it (:meth:`Projector.project_formed`: cached dense Gaussian rows, or the same
+    kronecker rows), which is then done (about 10x faster on a small CNN).  Both row sets are seeded per parameter group and nested,
     so features stay deterministic across batch sizes and processes.
     """
     if out is None:
@@ -391,14 +391,11 @@ def project(records, projector, out=None):
         out = torch.zeros(n, m, projector.k, device=projector.device, dtype=projector.dtype)
     for r in records:
         if isinstance(r, KronRecord) and projector.kind in STRUCTURED:
-            if not _dense_cheaper(r):
-                projector.project_factored(r.key, r.a, r.d, out)
-            elif projector.kind == "kronecker":  # the same rows, applied to the formed gradient
+            if _dense_cheaper(r):  # form the gradient, then project it
                 g = r.dense()
-                projector.project_kronecker_dense(
-                    r.key, g.view(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), out)
+                projector.project_formed(r.key, g.view(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), out)
             else:
-                projector.project_dense(r.key, r.dense(), out)
+                projector.project_factored(r.key, r.a, r.d, out)
         else:
             projector.project_dense(r.key, r.dense(), out)
     return out

@@ -66,6 +66,7 @@ STRUCTURED = ("factored", "kronecker")  # kinds projecting (input, output-gradie
 KRON_SIDE = 4  # "kronecker": blocks of KRON_SIDE x KRON_SIDE rows from KRON_SIDE u and v vectors
 _KRON_SUPER = 256  # rows per kronecker super-block (16 blocks, interleaved; part of the definition)
 _KRON_VECS = _KRON_SUPER // KRON_SIDE  # u (and v) vectors per super-block
+_KRON_BLOCKS = _KRON_SUPER // (KRON_SIDE * KRON_SIDE)  # blocks per super-block
 ROW_BLOCK = 128  # rows generated per seeded block; part of the projection's definition
 _CACHE_BYTES = 256 * 2**20  # largest dense row block kept per parameter group
 _CACHE_TOTAL = 1024 * 2**20  # and in all, per Projector
@@ -140,11 +141,16 @@ class Projector:
         self._cache = {}
         self._cached_bytes = 0
 
+    @property
+    def _dense_kind(self):
+        """The kind of rows used on materialised gradients (Gaussian for the structured kinds)."""
+        return "gaussian" if self.kind in STRUCTURED else self.kind
+
     # -- dense / sparse rows on a materialised gradient block ---------------------------
     def project_dense(self, key: str, g: torch.Tensor, out: torch.Tensor) -> None:
         """``out += g @ P_key^T`` for ``g`` of shape (..., p); ``out`` of shape (..., k)."""
         p = g.shape[-1]
-        kind = "gaussian" if self.kind in STRUCTURED else self.kind
+        kind = self._dense_kind
         g2 = g.reshape(-1, p)
         o2 = out.view(-1, self.k)
         if kind == "sparse":
@@ -161,17 +167,13 @@ class Projector:
                 self._cache[ck] = P.to(self.device)
             o2 += torch.sparse.mm(self._cache[ck], g2.T.contiguous()).T
             return
-        nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
         ck = (key, kind)
+        if ck not in self._cache and self.caches_dense(key, p):
+            P = _dense_rows(kind, self.seed, key, self.start, self.start + self.k, p, self.dtype)
+            self._cache[ck] = P.to(self.device)
+            self._cached_bytes += P.numel() * P.element_size()
         if ck in self._cache:
             o2 += g2 @ self._cache[ck].T
-            return
-        if self.caches_dense(key, p):
-            P = _dense_rows(kind, self.seed, key, self.start, self.start + self.k, p, self.dtype)
-            P = P.to(self.device)
-            self._cache[ck] = P
-            self._cached_bytes += nbytes
-            o2 += g2 @ P.T
             return
         rows = max(ROW_BLOCK, (_CACHE_BYTES // max(1, p * 4)) // ROW_BLOCK * ROW_BLOCK)
         for r0 in range(0, self.k, rows):
@@ -183,8 +185,7 @@ class Projector:
     def caches_dense(self, key: str, p: int) -> bool:
         """Whether the dense rows of group ``key`` (``p`` coordinates) are, or would be, kept in
         memory (a decision that never changes once they are)."""
-        kind = "gaussian" if self.kind in STRUCTURED else self.kind
-        if (key, kind) in self._cache:
+        if (key, self._dense_kind) in self._cache:
             return True
         nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
         return nbytes <= _CACHE_BYTES and self._cached_bytes + nbytes <= _CACHE_TOTAL
@@ -236,16 +237,12 @@ class Projector:
         ``u_{b,i} (x) v_{b,j}``, whose feature is ``sum_s (u_{b,i} . delta_s)(v_{b,j} . a_s)``.
         A block of ``s^2`` rows costs ``s`` u- and ``s`` v-products instead of ``s^2`` each, and
         the block index runs fastest so the products are formed along contiguous memory."""
-        s, nbs = KRON_SIDE, _KRON_SUPER // (KRON_SIDE * KRON_SIDE)
+        s, nbs = KRON_SIDE, _KRON_BLOCKS
         U, V = self.factors(key, d.shape[-1], a.shape[-1])
         n, L, m = a.shape[0], a.shape[1], d.shape[2]
-        first = self.start // _KRON_SUPER * _KRON_SUPER  # first row covered by U, V
-        for v0 in range(0, U.shape[0], _KRON_VECS):
-            v1 = v0 + _KRON_VECS
+        for v0, v1, g0, lo, hi in self._kron_super_blocks(U.shape[0]):
             av = (a @ V[v0:v1].T).view(n, L, nbs, s).transpose(-1, -2).contiguous()  # (n, L, s, b)
             du = (d @ U[v0:v1].T).view(n, L, m, nbs, s).transpose(-1, -2).contiguous()
-            g0 = first + v0 // _KRON_VECS * _KRON_SUPER - self.start
-            lo, hi = max(g0, 0), min(g0 + _KRON_SUPER, self.k)
             if L == 1 and lo == g0 and hi == g0 + _KRON_SUPER:  # a whole super-block: fused
                 o = out[..., lo:hi].unflatten(-1, (s, s, nbs))
                 o.addcmul_(du[:, 0, :, :, None, :], av[:, 0, None, None, :, :])
@@ -262,18 +259,31 @@ class Projector:
         of row ``u (x) v`` is ``u^T g v``, so a block costs ``d_out d_in`` per v vector (``p k / 4``
         in all) instead of ``p`` per row.  The same rows as :meth:`project_factored` (for layers
         whose gradient is cheaper to form than to project factor by factor)."""
-        s, nbs = KRON_SIDE, _KRON_SUPER // (KRON_SIDE * KRON_SIDE)
         U, V = self.factors(key, g.shape[-2], g.shape[-1])
         n, m = g.shape[:2]
-        first = self.start // _KRON_SUPER * _KRON_SUPER
-        for v0 in range(0, U.shape[0], _KRON_VECS):
-            v1 = v0 + _KRON_VECS
-            W = (g @ V[v0:v1].T).view(n, m, g.shape[-2], nbs, s)  # (n, m, d_out, b, j)
-            Ub = U[v0:v1].view(nbs, s, -1)  # (b, i, d_out)
+        for v0, v1, g0, lo, hi in self._kron_super_blocks(U.shape[0]):
+            W = (g @ V[v0:v1].T).view(n, m, g.shape[-2], _KRON_BLOCKS, KRON_SIDE)  # (n,m,o,b,j)
+            Ub = U[v0:v1].view(_KRON_BLOCKS, KRON_SIDE, -1)  # (b, i, d_out)
             blk = torch.einsum("bio,nmobj->nmijb", Ub, W).reshape(n, m, _KRON_SUPER)
-            g0 = first + v0 // _KRON_VECS * _KRON_SUPER - self.start
-            lo, hi = max(g0, 0), min(g0 + _KRON_SUPER, self.k)
             out[..., lo:hi] += blk[..., lo - g0 : hi - g0]
+
+    def _kron_super_blocks(self, n_vectors):
+        """``(v0, v1, g0, lo, hi)`` per kronecker super-block: its vectors ``v0:v1`` in the
+        factors, its first row ``g0`` in this projector's numbering (negative when it starts
+        before ``start``), and the rows ``lo:hi`` of the output it covers."""
+        first = self.start // _KRON_SUPER * _KRON_SUPER  # first row covered by the factors
+        for v0 in range(0, n_vectors, _KRON_VECS):
+            g0 = first + v0 // _KRON_VECS * _KRON_SUPER - self.start
+            yield v0, v0 + _KRON_VECS, g0, max(g0, 0), min(g0 + _KRON_SUPER, self.k)
+
+    def project_formed(self, key, g, out):
+        """``out += P_key g`` for formed Linear / Conv weight gradients ``g`` (n, m, d_out, d_in):
+        the kronecker rows for ``"kronecker"`` (the same rows as :meth:`project_factored`), the
+        dense rows of :meth:`project_dense` otherwise."""
+        if self.kind == "kronecker":
+            self.project_kronecker_dense(key, g, out)
+        else:
+            self.project_dense(key, g.flatten(2), out)
 
 
 def scale_features(F: torch.Tensor, k: int) -> torch.Tensor:
