@@ -18,7 +18,8 @@ from .fidelity import class_scores, kendall_tau_fidelity
 __all__ = ["KernelSurrogate"]
 
 
-def _make_estimator(estimator, random_state):
+def _make_estimator(estimator, random_state, K):
+    """The kernel machine for ``estimator`` fitted on the training kernel ``K``."""
     if estimator == "kglm":
         return SGDClassifier(
             loss="log_loss", penalty="l2", alpha=1e-4, class_weight="balanced",
@@ -29,7 +30,11 @@ def _make_estimator(estimator, random_state):
     if estimator == "svc":
         return SVC(kernel="precomputed")
     if estimator == "krr":
-        return KernelRidge(kernel="precomputed", alpha=1e-3)
+        # a ridge relative to the kernel's scale: 1e-3 for a normalised kernel, and for an
+        # unnormalised one still well above float32 rounding of its largest eigenvalues (which
+        # would otherwise make K + alpha I indefinite and send KernelRidge to lstsq)
+        scale = float(np.mean(np.diag(K)))
+        return KernelRidge(kernel="precomputed", alpha=1e-3 * (scale if np.isfinite(scale) and scale > 0 else 1.0))
     if estimator == "svr":
         return SVR(kernel="precomputed")
     if isinstance(estimator, str):
@@ -112,13 +117,7 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             self.kernel_.set_params(output="flat")
         K = self.kernel_.fit_transform(X, y)  # the fit set's gradients computed once
         model = self.kernel_.model_
-        self.estimator_ = _make_estimator(self.estimator, self.random_state)
-        if isinstance(self.estimator, str) and self.estimator == "krr":
-            # a ridge relative to the kernel's scale: 1e-3 for a normalised kernel, and for an
-            # unnormalised one still well above float32 rounding of its largest eigenvalues
-            # (which would otherwise make K + alpha I indefinite and send KernelRidge to lstsq)
-            scale = float(np.mean(np.diag(K))) if K.shape[0] == K.shape[1] else 1.0
-            self.estimator_.set_params(alpha=1e-3 * (scale if np.isfinite(scale) and scale > 0 else 1.0))
+        self.estimator_ = _make_estimator(self.estimator, self.random_state, K)
         classifier = is_classifier(self.estimator_)
         if model.task == "regression" and classifier:
             raise ValueError(
@@ -204,7 +203,9 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
         """Surrogate class probabilities (softmax of decision values when no predict_proba)."""
         check_is_fitted(self)
         self._check_classifier("predict_proba")
-        out, K = self._outputs(X)
+        return self._proba(*self._outputs(X))
+
+    def _proba(self, out, K):
         if out is None:
             S = class_scores(self.estimator_, K)
             if np.ndim(S) == 1:
@@ -225,7 +226,7 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             return self.estimator_.predict(K)
         if self.model_.task == "regression":
             return out[:, 0] if out.ndim == 2 and out.shape[1] == 1 else out
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        return self.classes_[self._proba(out, K).argmax(1)]  # the kernel is computed once
 
     def score(self, X, y=None):
         """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1).
