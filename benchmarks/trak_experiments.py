@@ -119,22 +119,29 @@ ARCHS = {
 }
 
 
+def _lds_setup(args, arch):
+    """Data split, model template and cache folder of the LDS parts for one architecture."""
+    make, images = ARCHS[arch]
+    n_train, n_test = (300, 60) if args.quick else (1000, 200)
+    Xtr, ytr, Xte, yte, _, _ = digits_split(images=images, n_train=n_train, n_test=n_test)
+    model = template(make(), epochs=10 if args.quick else 30)
+    cache_dir = os.path.join(args.cache or os.path.join(args.out, "cache"), arch)
+    return Xtr, ytr, Xte, yte, model, cache_dir
+
+
 def lds_part(args):
     out = {}
     rows_by_arch = {}
     for arch in args.archs:
-        make, images = ARCHS[arch]
-        n_train, n_test = (300, 60) if args.quick else (1000, 200)
-        Xtr, ytr, Xte, yte, _, _ = digits_split(images=images, n_train=n_train, n_test=n_test)
-        model = template(make(), epochs=10 if args.quick else 30)
+        Xtr, ytr, Xte, yte, model, cache_dir = _lds_setup(args, arch)
+        n_train, n_test = len(Xtr), len(Xte)
         t0 = time.perf_counter()
         ens = (1, 2) if args.quick else (1, 5, 10)
         dims = (256,) if args.quick else tuple(args.dims)
         res = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=8 if args.quick else args.n_subsets,
                         ensembles=ens, dims=dims, ridge=args.ridge,
                         extra_dims=() if args.quick else (args.extra_dim, None),
-                        cache_dir=os.path.join(args.cache or os.path.join(args.out, "cache"), arch),
-                        verbose=args.verbose)
+                        cache_dir=cache_dir, verbose=args.verbose)
         rows = res["rows"]
         ret, members = res["retrainer"], res["members"]
         sweep = []
@@ -192,15 +199,12 @@ def seeds_part(args):
     """skattr vs traker (ridge matched) over several projection seeds: mean +- std, paired diffs."""
     out = {}
     for arch in args.archs:
-        make, images = ARCHS[arch]
-        n_train, n_test = (300, 60) if args.quick else (1000, 200)
-        Xtr, ytr, Xte, yte, _, _ = digits_split(images=images, n_train=n_train, n_test=n_test)
-        model = template(make(), epochs=10 if args.quick else 30)
+        Xtr, ytr, Xte, yte, model, cache_dir = _lds_setup(args, arch)
         ens = (1, 2) if args.quick else (1, 10)
         dims = (256,) if args.quick else tuple(args.dims)
         res = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=8 if args.quick else args.n_subsets,
                         ensembles=(max(ens),), dims=(dims[0],), ridge=args.ridge, gradcos=False,
-                        cache_dir=os.path.join(args.cache or os.path.join(args.out, "cache"), arch))
+                        cache_dir=cache_dir)
         ret, members = res["retrainer"], res["members"]
         modules = [m.module_ for m in members]
         rows = []
