@@ -168,7 +168,7 @@ class Projector:
             o2 += torch.sparse.mm(self._cache[ck], g2.T.contiguous()).T
             return
         ck = (key, kind)
-        if ck not in self._cache and self.caches_dense(key, p):
+        if ck not in self._cache and self._caches_dense(key, p):
             P = _dense_rows(kind, self.seed, key, self.start, self.start + self.k, p, self.dtype)
             self._cache[ck] = P.to(self.device)
             self._cached_bytes += P.numel() * P.element_size()
@@ -182,7 +182,7 @@ class Projector:
             P = _dense_rows(kind, self.seed, key, s0 + r0, s0 + r1, p, self.dtype).to(self.device)
             o2[:, r0:r1] += g2 @ P.T
 
-    def caches_dense(self, key: str, p: int) -> bool:
+    def _caches_dense(self, key: str, p: int) -> bool:
         """Whether the dense rows of group ``key`` (``p`` coordinates) are, or would be, kept in
         memory (a decision that never changes once they are)."""
         if (key, self._dense_kind) in self._cache:
