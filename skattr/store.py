@@ -207,6 +207,10 @@ class FeatureStore(BlockLayout):
     def complete(self):
         return not self.missing()
 
+    def rows(self, m, b):
+        """None: blocks are featurised in memory, then written with :meth:`write`."""
+        return None
+
     def write(self, m, b, features, q):
         """Store the features ``(rows, dim)`` and per-row scalars ``(rows,)`` of one block."""
         r0, r1 = self.block_range(b)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import numbers
 import os
 import warnings
@@ -331,10 +332,17 @@ class _MemoryStore(BlockLayout):
         models = range(self.n_models) if m is None else [m]
         return [(mm, b) for mm in models for b in range(self.n_blocks) if b not in self._done[mm]]
 
-    def write(self, m, b, F, q):
+    def rows(self, m, b):
+        """The arrays that block ``b`` of model ``m`` is featurised into (views)."""
         r0, r1 = self.block_range(b)
-        self.F[m][r0:r1] = F
-        self.Q[m][r0:r1] = q
+        return self.F[m][r0:r1], self.Q[m][r0:r1]
+
+    def write(self, m, b, F, q):
+        Fv, qv = self.rows(m, b)
+        if not np.may_share_memory(F, Fv):  # rows featurised elsewhere, not in place
+            Fv[...] = F
+        if not np.may_share_memory(q, qv):
+            qv[...] = q
         self._done[m].add(b)
 
     def iter_blocks(self, m, mmap=True):
@@ -426,6 +434,12 @@ class TRAK(TransformerMixin, BaseEstimator):
         The averaged reweighting term ``mean_m Q_{m,i}``.
     lambdas_ : ndarray of shape (n_models,)
         The absolute ridge of each member.
+    inverses_ : list of ndarray of shape (k, k), or None
+        Primal solver: ``(Phi^T Phi + lambda I)^-1`` of each member, from a float64 Cholesky
+        factorisation, kept in the features' precision.
+    cholesky_ : list of ndarray of shape (n_train, n_train), or None
+        Dual solver: the Cholesky factor of ``Phi Phi^T + lambda I`` of each member (factorised
+        in float64, kept in the features' precision).
     solver_ : {"primal", "dual"}
         ``k x k`` system (k <= n) or ``n x n`` system (k > n).
     feature_dim_ : int
@@ -645,12 +659,23 @@ class TRAK(TransformerMixin, BaseEstimator):
             prefixes=self.output_.prefixes(member.prefixes_), method=self.method, outputs=outputs,
         )
 
-    def _featurize_rows(self, j, X, y_enc, r0, r1):
-        """Features (rows, dim) and Q (rows,) of rows ``r0:r1`` of X under member ``j``."""
+    def _featurize_rows(self, j, X, y_enc, r0, r1, out=None):
+        """Features (rows, dim) and Q (rows,) of rows ``r0:r1`` of X under member ``j``.
+
+        ``out``: optional ``(F, q)`` arrays of those shapes (the in-memory store's rows), written
+        in place batch by batch instead of gathered and copied.
+        """
         member = self.models_[j]
         net = self.output_.network(member._network())
         bs = int(self.batch_size or member.batch_size_eval)
-        Fs, Qs = [], []
+        rows, k = r1 - r0, self.feature_dim_
+        if out is None:
+            out = (np.empty((rows, k), dtype=member.dtype), np.empty(rows, dtype=member.dtype))
+        F_out, q_out = out
+        # on the CPU the projection accumulates straight into the output rows
+        direct = member.device_.type == "cpu" and self.projection_dim is not None
+        Ft = torch.from_numpy(F_out) if direct else None
+        scale = 1.0 / math.sqrt(k)
         Xt = member.to_tensor(X[r0:r1])  # validated and converted once
         for i0 in range(r0, r1, bs):
             i1 = min(r1, i0 + bs)
@@ -659,15 +684,20 @@ class TRAK(TransformerMixin, BaseEstimator):
             outs = {}
             recs = self._records(member, net, xb, yb, outputs=outs)
             if self.projection_dim is None:
-                F = _grad.flatten(recs)[:, 0]
+                F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
+            elif direct:
+                o = Ft[i0 - r0 : i1 - r0]
+                o.zero_()
+                _grad.project(recs, self._projector(member, j), out=o[:, None, :])
+                o.mul_(scale)
             else:
-                F = scale_features(_grad.project(recs, self._projector(member, j)), self.feature_dim_)[:, 0]
+                F = scale_features(_grad.project(recs, self._projector(member, j)), k)[:, 0]
+                F_out[i0 - r0 : i1 - r0] = F.detach().cpu().numpy()
             with torch.no_grad():
                 z = outs["logits"]  # from the gradients' own forward pass
                 q = self.output_.q(z, yb if yb is not None else torch.zeros(len(xb), dtype=torch.long, device=z.device))
-            Fs.append(F.detach().cpu().numpy())
-            Qs.append(q.detach().cpu().numpy())
-        return np.concatenate(Fs), np.concatenate(Qs)
+            q_out[i0 - r0 : i1 - r0] = q.detach().cpu().numpy()
+        return F_out, q_out
 
     def _projection_seed(self, j):
         """Seed of member ``j``'s projection: independent across members, so that projection
@@ -800,7 +830,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         desc = f"TRAK: featurising {len(todo)} block(s)"
         for m, b in _progress(todo, len(todo), self.verbose, desc):
             r0, r1 = store.block_range(b)
-            F, q = self._featurize_rows(m, X, y_enc[m], r0, r1)
+            F, q = self._featurize_rows(m, X, y_enc[m], r0, r1, out=store.rows(m, b))
             store.write(m, b, F, q)
         self.store_ = store if self.store is not None else None
         self._features = store
@@ -829,9 +859,10 @@ class TRAK(TransformerMixin, BaseEstimator):
         wide = self._product_dtype()
         dev = self._device
         if self.solver_ == "primal":
-            G = torch.zeros(k, k, dtype=torch.float64, device=dev)
+            G = None
             for _, _, F, _ in st.iter_blocks(m):
-                G += _sym_gram(self._block(F, wide).T)  # Phi_b^T Phi_b, upper half computed
+                Gb = _sym_gram(self._block(F, wide).T)  # Phi_b^T Phi_b, upper half computed
+                G = Gb if G is None else G.add_(Gb)
         else:
             check_memory(n * n * 8, f"The {n} x {n} dual Gram matrix")
             G = torch.zeros(n, n, dtype=torch.float64, device=dev)
@@ -859,7 +890,8 @@ class TRAK(TransformerMixin, BaseEstimator):
     def _finalize(self):
         n, k, M = self.n_train_, self.feature_dim_, len(self.models_)
         self.solver_ = "primal" if k <= n else "dual"
-        factors, lambdas, Q = [], [], []
+        wide = self._product_dtype()
+        inverses, lambdas, Q = [], [], []
         for m in range(M):
             G = self._gram(m)
             mean_sq = float(torch.diagonal(G).sum()) / n
@@ -867,10 +899,20 @@ class TRAK(TransformerMixin, BaseEstimator):
                 raise FloatingPointError(f"Model {m}: the TRAK features contain NaN or infinity.")
             lam = float(self.ridge) * mean_sq
             G.diagonal().add_(lam)
-            factors.append(self._cholesky(G, m, lam).cpu().numpy())
+            L = self._cholesky(G, m, lam)
+            del G
+            if self.solver_ == "primal":
+                # the k x k inverse is formed once (k^3 / 3 multiply-adds in float64) and applied
+                # by matrix products in the features' precision when scoring: one GEMM instead
+                # of two triangular solves per call
+                inverses.append(torch.cholesky_inverse(L).to(wide).cpu().numpy())
+            else:
+                # n x n: forming the inverse (n^3 / 3) costs more than solving for the targets
+                inverses.append(L.to(wide).cpu().numpy())
             lambdas.append(lam)
             Q.append(np.asarray(self._features.q(m), dtype=np.float64))
-        self.factors_ = factors
+        self.inverses_ = inverses if self.solver_ == "primal" else None
+        self.cholesky_ = inverses if self.solver_ == "dual" else None
         self.lambdas_ = np.asarray(lambdas)
         self.q_models_ = np.stack(Q)
         self.q_ = self.q_models_.mean(0)
@@ -904,7 +946,7 @@ class TRAK(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ scoring
     def _check_X(self, X):
-        check_is_fitted(self, "factors_")
+        check_is_fitted(self, "lambdas_")
         X = check_input(X)
         if X.ndim == 2 and len(self.input_shape_) == 1 and X.shape[1] != self.input_shape_[0]:
             raise ValueError(
@@ -936,25 +978,34 @@ class TRAK(TransformerMixin, BaseEstimator):
         y_enc = self._labels(self.models_, X, y)
         t, n, M = X.shape[0], self.n_train_, len(self.models_)
         dev = self._device
-        S = torch.zeros(t, n, dtype=torch.float64, device=dev)
         st = self._features
         wide = self._product_dtype()
+        S = torch.empty(t, n, dtype=torch.float64, device=dev)
+        # products land in one reused buffer of column chunks and are accumulated into S
+        # (float64): no zero-filled or converted (t, n) temporaries
+        chunk = min(n, _SCORE_CHUNK)
+        buf = torch.empty(t * chunk, dtype=wide, device=dev)
         for m in _progress(range(M), M, self.verbose, "TRAK: scoring"):
             G, _ = self._featurize_rows(m, X, y_enc[m], 0, t)
-            L = torch.from_numpy(self.factors_[m]).to(dev)
+            G = self._block(G, wide)  # (t, k)
             if self.solver_ == "primal":
-                # the solve in float64, the (t, k) x (k, n) product in the features' precision
-                T = torch.cholesky_solve(self._block(G).T, L).T.to(wide)  # (t, k)
+                T = G @ torch.from_numpy(self.inverses_[m]).to(dev)  # (t, k)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    S[:, r0:r1] += T @ self._block(F, wide).T
+                    Fb = self._block(F, wide)
+                    for c0 in range(r0, r1, chunk):
+                        c1 = min(r1, c0 + chunk)
+                        out = buf[: t * (c1 - c0)].view(t, c1 - c0)
+                        torch.mm(T, Fb[c0 - r0 : c1 - r0].T, out=out)
+                        _accumulate(S[:, c0:c1], out, m == 0)
             else:
-                G = self._block(G, wide)  # (t, k)
-                B = torch.empty(t, n, dtype=torch.float64, device=dev)
+                B = torch.empty(t, n, dtype=wide, device=dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
                     B[:, r0:r1] = G @ self._block(F, wide).T
-                S += torch.cholesky_solve(B.T, L).T
-        S /= M
-        S *= torch.from_numpy(self.q_).to(dev)[None, :]
+                # B (L L^T)^-1 by two triangular solves from the right, in the (t, n) layout
+                L = torch.from_numpy(self.cholesky_[m]).to(dev)
+                B = torch.linalg.solve_triangular(L.T, B, upper=True, left=False)
+                _accumulate(S, torch.linalg.solve_triangular(L, B, upper=False, left=False), m == 0)
+        S *= torch.from_numpy(self.q_ / M).to(dev)[None, :]
         return S.cpu().numpy()
 
     def transform(self, X):
@@ -967,19 +1018,20 @@ class TRAK(TransformerMixin, BaseEstimator):
         Large values flag examples the models fit only through themselves (e.g. mislabelled
         ones); see :func:`skattr.metrics.mislabel_detection_auc`.
         """
-        check_is_fitted(self, "factors_")
+        check_is_fitted(self, "lambdas_")
         n, M, dev = self.n_train_, len(self.models_), self._device
         out = torch.zeros(n, dtype=torch.float64, device=dev)
         st = self._features
+        wide = self._product_dtype()
         for m in range(M):
-            L = torch.from_numpy(self.factors_[m]).to(dev)
             if self.solver_ == "primal":
+                P = torch.from_numpy(self.inverses_[m]).to(dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    Fb = self._block(F)
-                    T = torch.cholesky_solve(Fb.T, L)  # (k, rows)
-                    out[r0:r1] += (Fb * T.T).sum(1)
+                    Fb = self._block(F, wide)
+                    out[r0:r1] += (Fb * (Fb @ P)).sum(1, dtype=torch.float64)
             else:
                 # phi_i^T (Phi^T Phi + l I)^-1 phi_i = 1 - l [(Phi Phi^T + l I)^-1]_ii
+                L = torch.from_numpy(self.cholesky_[m]).to(dev, torch.float64)
                 Linv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=dev), upper=False)
                 out += 1.0 - self.lambdas_[m] * (Linv**2).sum(0)
         return (out / M).cpu().numpy() * self.q_
@@ -993,10 +1045,23 @@ class TRAK(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _sym_gram(F, rows=512):
+_SCORE_CHUNK = 1024  # training examples per scoring product
+
+
+def _accumulate(dst, src, first):
+    """``dst = src`` (first model) or ``dst += src``, converting to dst's dtype on the fly."""
+    if first:
+        dst.copy_(src)
+    else:
+        dst.add_(src)
+
+
+def _sym_gram(F, rows=None):
     """``F @ F.T`` in float64 from products in F's precision, computing only the upper
-    triangle's row blocks (half the flops of the full product)."""
+    triangle's row blocks (eight blocks: about 56 % of the flops of the full product)."""
     n = F.shape[0]
+    if rows is None:
+        rows = max(128, -(-n // 8))
     G = torch.empty(n, n, dtype=torch.float64, device=F.device)
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
