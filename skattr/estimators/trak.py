@@ -24,6 +24,10 @@ Implementation notes
   the minimum-norm solution when ``ridge=0`` and ``k > n``.
 * ``ridge`` is relative: ``lambda = ridge * mean_i |phi_i|^2``, so it does not depend on the
   scale of the gradients or on ``projection_dim``.
+* Precision follows the features: products of float32 features run in float32 and are summed
+  across store blocks in float64; the system is factorised in float32 too (its entries are only
+  float32-accurate; a breakdown is redone in float64), and the primal inverse is formed once so
+  scoring is matrix products.  ``ridge=0`` or float64 features: float64 throughout.
 * With ``store=`` the features live in an on-disk :class:`skattr.store.FeatureStore` and every
   computation is blockwise; an interrupted featurisation resumes where it stopped.
 """
@@ -435,11 +439,11 @@ class TRAK(TransformerMixin, BaseEstimator):
     lambdas_ : ndarray of shape (n_models,)
         The absolute ridge of each member.
     inverses_ : list of ndarray of shape (k, k), or None
-        Primal solver: ``(Phi^T Phi + lambda I)^-1`` of each member, from a float64 Cholesky
-        factorisation, kept in the features' precision.
+        Primal solver: ``(Phi^T Phi + lambda I)^-1`` of each member, from its Cholesky
+        factorisation, in the features' precision (float64 for ``ridge=0``).
     cholesky_ : list of ndarray of shape (n_train, n_train), or None
-        Dual solver: the Cholesky factor of ``Phi Phi^T + lambda I`` of each member (factorised
-        in float64, kept in the features' precision).
+        Dual solver: the Cholesky factor of ``Phi Phi^T + lambda I`` of each member, in the
+        features' precision (float64 for ``ridge=0``).
     solver_ : {"primal", "dual"}
         ``k x k`` system (k <= n) or ``n x n`` system (k > n).
     feature_dim_ : int
@@ -850,32 +854,36 @@ class TRAK(TransformerMixin, BaseEstimator):
         return torch.from_numpy(F).to(device=self._device, dtype=dtype)
 
     def _gram(self, m):
+        """Member ``m``'s system matrix ``Phi^T Phi`` (primal) or ``Phi Phi^T`` (dual).
+
+        Only its lower triangle is filled (all the Cholesky factorisation reads): the matrix is
+        the transpose of row panels of the upper triangle, so no half is mirrored.  It is in the
+        products' precision when the features are one block (in memory), in float64 when
+        blocks are summed.
+        """
         st, n, k = self._features, self.n_train_, self.feature_dim_
         name = f"m{m:03d}_gram_{self.solver_}"
         shape = (k, k) if self.solver_ == "primal" else (n, n)
         G = st.load_array(name, mmap=False)
         if G is not None and G.shape == shape:
-            return torch.from_numpy(np.array(G, dtype=np.float64)).to(self._device)
+            return torch.from_numpy(np.array(G)).to(self._device)
         wide = self._product_dtype()
-        dev = self._device
+        acc = wide if st.n_blocks == 1 else torch.float64
         if self.solver_ == "primal":
-            G = None
+            U = None
             for _, _, F, _ in st.iter_blocks(m):
-                Gb = _sym_gram(self._block(F, wide).T)  # Phi_b^T Phi_b, upper half computed
-                G = Gb if G is None else G.add_(Gb)
+                Ub = _upper_gram(self._block(F, wide).T, acc)  # Phi_b^T Phi_b
+                U = Ub if U is None else U.add_(Ub)
         else:
-            check_memory(n * n * 8, f"The {n} x {n} dual Gram matrix")
-            G = torch.zeros(n, n, dtype=torch.float64, device=dev)
+            check_memory(n * n * torch.finfo(acc).bits // 8, f"The {n} x {n} dual Gram matrix")
+            U = torch.empty(n, n, dtype=acc, device=self._device)
             blocks = list(st.iter_blocks(m))
             for i, (r0, r1, F, _) in enumerate(blocks):
                 Fa = self._block(F, wide)
-                for s0, s1, F2, _ in blocks[i:]:
-                    if s0 == r0:
-                        G[r0:r1, r0:r1] = _sym_gram(Fa)
-                        continue
-                    Gb = (Fa @ self._block(F2, wide).T).to(torch.float64)
-                    G[r0:r1, s0:s1] = Gb
-                    G[s0:s1, r0:r1] = Gb.T
+                U[r0:r1, r0:r1] = _upper_gram(Fa, acc)
+                for s0, s1, F2, _ in blocks[i + 1 :]:
+                    U[r0:r1, s0:s1] = Fa @ self._block(F2, wide).T
+        G = U.T
         if self.store_ is not None:
             st.save_array(name, G.cpu().numpy())
         return G
@@ -894,17 +902,16 @@ class TRAK(TransformerMixin, BaseEstimator):
         inverses, lambdas, Q = [], [], []
         for m in range(M):
             G = self._gram(m)
-            mean_sq = float(torch.diagonal(G).sum()) / n
+            mean_sq = float(torch.diagonal(G).sum(dtype=torch.float64)) / n
             if not np.isfinite(mean_sq):
                 raise FloatingPointError(f"Model {m}: the TRAK features contain NaN or infinity.")
             lam = float(self.ridge) * mean_sq
             G.diagonal().add_(lam)
-            L = self._cholesky(G, m, lam)
+            L = self._cholesky(G, m, lam, wide)
             del G
             if self.solver_ == "primal":
-                # the k x k inverse is formed once (k^3 / 3 multiply-adds in float64) and applied
-                # by matrix products in the features' precision when scoring: one GEMM instead
-                # of two triangular solves per call
+                # the k x k inverse is formed once (k^3 / 3 multiply-adds) and applied by matrix
+                # products when scoring: one GEMM instead of two triangular solves per call
                 inverses.append(torch.cholesky_inverse(L).to(wide).cpu().numpy())
             else:
                 # n x n: forming the inverse (n^3 / 3) costs more than solving for the targets
@@ -917,7 +924,19 @@ class TRAK(TransformerMixin, BaseEstimator):
         self.q_models_ = np.stack(Q)
         self.q_ = self.q_models_.mean(0)
 
-    def _cholesky(self, A, m, lam):
+    def _cholesky(self, A, m, lam, dtype=torch.float64):
+        """Lower Cholesky factor of the float64 system ``A``, with clear errors when singular.
+
+        ``dtype=float32`` (float32 features, ridge > 0) factorises in float32: ``A`` holds sums
+        of float32 products, so it is only accurate to float32 rounding, and a float32
+        factorisation's backward error is of that same order (twice as fast); a float32
+        factorisation that breaks down is redone in float64.
+        """
+        if dtype != torch.float64 and lam > 0:
+            L, info = torch.linalg.cholesky_ex(A.to(dtype))
+            if int(info) == 0 and bool(torch.isfinite(torch.diagonal(L)).all()):
+                return L
+        A = A.to(torch.float64)
         dim = A.shape[0]
         what = "Phi^T Phi (k x k)" if self.solver_ == "primal" else "Phi Phi^T (n x n)"
         hint = "set ridge > 0 (e.g. the default ridge=1.0)" + (
@@ -1056,19 +1075,17 @@ def _accumulate(dst, src, first):
         dst.add_(src)
 
 
-def _sym_gram(F, rows=None):
-    """``F @ F.T`` in float64 from products in F's precision, computing only the upper
-    triangle's row blocks (eight blocks: about 56 % of the flops of the full product)."""
+def _upper_gram(F, dtype, blocks=8):
+    """The upper triangle of ``F @ F.T`` (its lower triangle is left unspecified), in ``dtype``
+    from products in F's precision: row panels of the upper triangle only, about 56 % of the
+    flops of the full product."""
     n = F.shape[0]
-    if rows is None:
-        rows = max(128, -(-n // 8))
-    G = torch.empty(n, n, dtype=torch.float64, device=F.device)
+    rows = max(128, -(-n // blocks))
+    U = torch.empty(n, n, dtype=dtype, device=F.device)
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
-        blk = (F[i0:i1] @ F[i0:].T).to(torch.float64)  # (b, n - i0)
-        G[i0:i1, i0:] = blk
-        G[i1:, i0:i1] = blk[:, i1 - i0:].T
-    return G
+        U[i0:i1, i0:] = F[i0:i1] @ F[i0:].T
+    return U
 
 
 def template_hash(model):
