@@ -237,7 +237,7 @@ def _structured(module, specs, x, output, y, loss, outputs=None):
     for n, dl in zip(names, deltas):
         mod, pnames = specs[n]
         inp = captured[n][0]
-        d = torch.stack(dl, dim=1)  # (n, m, *out_shape)
+        d = dl[0].unsqueeze(1) if len(dl) == 1 else torch.stack(dl, dim=1)  # (n, m, *out_shape)
         records.extend(_layer_records(n, mod, pnames, inp, d))
     return records
 

@@ -200,6 +200,11 @@ class Projector:
             tag = "|u" if self.kind == "factored" else "|ku"
             U = _dense_rows("gaussian", self.seed, key + tag, r0, r1, d_out, self.dtype)
             V = _dense_rows("gaussian", self.seed, key + tag.replace("u", "v"), r0, r1, d_in, self.dtype)
+            if self.kind == "kronecker":
+                # vector (b, j) of a super-block is stored at (j, b): products with them come
+                # out in the rows' order (block index fastest) without a transposing copy
+                order = torch.arange(r1 - r0).view(-1, _KRON_BLOCKS, KRON_SIDE).transpose(1, 2).flatten()
+                U, V = U[order], V[order]
             self._cache[ck] = (U.to(self.device), V.to(self.device))
         return self._cache[ck]
 
@@ -238,15 +243,18 @@ class Projector:
         A block of ``s^2`` rows costs ``s`` u- and ``s`` v-products instead of ``s^2`` each, and
         the block index runs fastest so the products are formed along contiguous memory."""
         s, nbs = KRON_SIDE, _KRON_BLOCKS
-        U, V = self.factors(key, d.shape[-1], a.shape[-1])
+        U, V = self.factors(key, d.shape[-1], a.shape[-1])  # vectors stored (super, j, b)
         n, L, m = a.shape[0], a.shape[1], d.shape[2]
+        nsb = U.shape[0] // _KRON_VECS
+        if L == 1 and self.start % _KRON_SUPER == 0 and self.k == nsb * _KRON_SUPER and out.is_contiguous():
+            # whole super-blocks (the usual case): two products and one fused update per layer
+            av = (a[:, 0] @ V.T).view(n, 1, nsb, 1, s, nbs)
+            du = (d[:, 0] @ U.T).view(n, m, nsb, s, 1, nbs)
+            out.view(n, m, nsb, s, s, nbs).addcmul_(du, av)
+            return
         for v0, v1, g0, lo, hi in self._kron_super_blocks(U.shape[0]):
-            av = (a @ V[v0:v1].T).view(n, L, nbs, s).transpose(-1, -2).contiguous()  # (n, L, s, b)
-            du = (d @ U[v0:v1].T).view(n, L, m, nbs, s).transpose(-1, -2).contiguous()
-            if L == 1 and lo == g0 and hi == g0 + _KRON_SUPER:  # a whole super-block: fused
-                o = out[..., lo:hi].unflatten(-1, (s, s, nbs))
-                o.addcmul_(du[:, 0, :, :, None, :], av[:, 0, None, None, :, :])
-                continue
+            av = (a @ V[v0:v1].T).view(n, L, s, nbs)  # (n, L, j, b)
+            du = (d @ U[v0:v1].T).view(n, L, m, s, nbs)  # (n, L, m, i, b)
             if L == 1:
                 blk = du[:, 0, :, :, None, :] * av[:, 0, None, None, :, :]
             else:
@@ -262,9 +270,9 @@ class Projector:
         U, V = self.factors(key, g.shape[-2], g.shape[-1])
         n, m = g.shape[:2]
         for v0, v1, g0, lo, hi in self._kron_super_blocks(U.shape[0]):
-            W = (g @ V[v0:v1].T).view(n, m, g.shape[-2], _KRON_BLOCKS, KRON_SIDE)  # (n,m,o,b,j)
-            Ub = U[v0:v1].view(_KRON_BLOCKS, KRON_SIDE, -1)  # (b, i, d_out)
-            blk = torch.einsum("bio,nmobj->nmijb", Ub, W).reshape(n, m, _KRON_SUPER)
+            W = (g @ V[v0:v1].T).view(n, m, g.shape[-2], KRON_SIDE, _KRON_BLOCKS)  # (n,m,o,j,b)
+            Ub = U[v0:v1].view(KRON_SIDE, _KRON_BLOCKS, -1)  # (i, b, d_out)
+            blk = torch.einsum("ibo,nmojb->nmijb", Ub, W).reshape(n, m, _KRON_SUPER)
             out[..., lo:hi] += blk[..., lo - g0 : hi - g0]
 
     def _kron_super_blocks(self, n_vectors):

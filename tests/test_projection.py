@@ -290,8 +290,9 @@ def test_kronecker_rows_are_block_kronecker_products():
     assert U.shape == (128, 5) and V.shape == (128, 6)  # 2 super-blocks of 64 vectors
     for r in (0, 5, 17, 47, 69, 255, 256, 299):
         sb, t = divmod(r, 256)
-        b, i, j = sb * 16 + t % 16, t // 16 // 4, t // 16 % 4
-        row = torch.outer(U[4 * b + i], V[4 * b + j]).flatten()
+        b, i, j = t % 16, t // 16 // 4, t // 16 % 4
+        # vector (b, i) of super-block sb is stored at sb * 64 + i * 16 + b
+        row = torch.outer(U[sb * 64 + i * 16 + b], V[sb * 64 + j * 16 + b]).flatten()
         torch.testing.assert_close(F[..., r], G @ row, rtol=1e-12, atol=1e-12)
     for start, k in ((21, 30), (200, 90), (256, 10)):
         part = _factored_features(k, a, d, seed=4, start=start, kind="kronecker")

@@ -26,8 +26,8 @@ Implementation notes
   scale of the gradients or on ``projection_dim``.
 * Precision follows the features: products of float32 features run in float32 and are summed
   across store blocks in float64; the system is factorised in float32 too (its entries are only
-  float32-accurate; a breakdown is redone in float64), and the primal inverse is formed once so
-  scoring is matrix products.  ``ridge=0`` or float64 features: float64 throughout.
+  float32-accurate; a breakdown is redone in float64); scores come from triangular solves with
+  the factor.  ``ridge=0`` or float64 features: float64 throughout.
 * With ``store=`` the features live in an on-disk :class:`skattr.store.FeatureStore` and every
   computation is blockwise; an interrupted featurisation resumes where it stopped.
 """
@@ -438,12 +438,9 @@ class TRAK(TransformerMixin, BaseEstimator):
         The averaged reweighting term ``mean_m Q_{m,i}``.
     lambdas_ : ndarray of shape (n_models,)
         The absolute ridge of each member.
-    inverses_ : list of ndarray of shape (k, k), or None
-        Primal solver: ``(Phi^T Phi + lambda I)^-1`` of each member, from its Cholesky
-        factorisation, in the features' precision (float64 for ``ridge=0``).
-    cholesky_ : list of ndarray of shape (n_train, n_train), or None
-        Dual solver: the Cholesky factor of ``Phi Phi^T + lambda I`` of each member, in the
-        features' precision (float64 for ``ridge=0``).
+    cholesky_ : list of ndarray of shape (k, k) (primal) or (n_train, n_train) (dual)
+        The lower Cholesky factor of each member's ``Phi^T Phi + lambda I`` (or ``Phi Phi^T +
+        lambda I``), in the features' precision (float64 for ``ridge=0``).
     solver_ : {"primal", "dual"}
         ``k x k`` system (k <= n) or ``n x n`` system (k > n).
     feature_dim_ : int
@@ -679,6 +676,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         # on the CPU the projection accumulates straight into the output rows
         direct = member.device_.type == "cpu" and self.projection_dim is not None
         Ft = torch.from_numpy(F_out) if direct else None
+        proj = None if self.projection_dim is None else self._projector(member, j)
         scale = 1.0 / math.sqrt(k)
         Xt = member.to_tensor(X[r0:r1])  # validated and converted once
         for i0 in range(r0, r1, bs):
@@ -692,10 +690,10 @@ class TRAK(TransformerMixin, BaseEstimator):
             elif direct:
                 o = Ft[i0 - r0 : i1 - r0]
                 o.zero_()
-                _grad.project(recs, self._projector(member, j), out=o[:, None, :])
+                _grad.project(recs, proj, out=o[:, None, :])
                 o.mul_(scale)
             else:
-                F = scale_features(_grad.project(recs, self._projector(member, j)), k)[:, 0]
+                F = scale_features(_grad.project(recs, proj), k)[:, 0]
                 F_out[i0 - r0 : i1 - r0] = F.detach().cpu().numpy()
             with torch.no_grad():
                 z = outs["logits"]  # from the gradients' own forward pass
@@ -899,7 +897,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         n, k, M = self.n_train_, self.feature_dim_, len(self.models_)
         self.solver_ = "primal" if k <= n else "dual"
         wide = self._product_dtype()
-        inverses, lambdas, Q = [], [], []
+        factors, lambdas, Q = [], [], []
         for m in range(M):
             G = self._gram(m)
             mean_sq = float(torch.diagonal(G).sum(dtype=torch.float64)) / n
@@ -909,17 +907,10 @@ class TRAK(TransformerMixin, BaseEstimator):
             G.diagonal().add_(lam)
             L = self._cholesky(G, m, lam, wide)
             del G
-            if self.solver_ == "primal":
-                # the k x k inverse is formed once (k^3 / 3 multiply-adds) and applied by matrix
-                # products when scoring: one GEMM instead of two triangular solves per call
-                inverses.append(torch.cholesky_inverse(L).to(wide).cpu().numpy())
-            else:
-                # n x n: forming the inverse (n^3 / 3) costs more than solving for the targets
-                inverses.append(L.to(wide).cpu().numpy())
+            factors.append(L.to(wide).cpu().numpy())
             lambdas.append(lam)
             Q.append(np.asarray(self._features.q(m), dtype=np.float64))
-        self.inverses_ = inverses if self.solver_ == "primal" else None
-        self.cholesky_ = inverses if self.solver_ == "dual" else None
+        self.cholesky_ = factors
         self.lambdas_ = np.asarray(lambdas)
         self.q_models_ = np.stack(Q)
         self.q_ = self.q_models_.mean(0)
@@ -1007,8 +998,9 @@ class TRAK(TransformerMixin, BaseEstimator):
         for m in _progress(range(M), M, self.verbose, "TRAK: scoring"):
             G, _ = self._featurize_rows(m, X, y_enc[m], 0, t)
             G = self._block(G, wide)  # (t, k)
+            L = torch.from_numpy(self.cholesky_[m]).to(dev)
             if self.solver_ == "primal":
-                T = G @ torch.from_numpy(self.inverses_[m]).to(dev)  # (t, k)
+                T = _solve_right(G, L)  # (t, k)
                 for r0, r1, F, _ in st.iter_blocks(m):
                     Fb = self._block(F, wide)
                     for c0 in range(r0, r1, chunk):
@@ -1020,10 +1012,7 @@ class TRAK(TransformerMixin, BaseEstimator):
                 B = torch.empty(t, n, dtype=wide, device=dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
                     B[:, r0:r1] = G @ self._block(F, wide).T
-                # B (L L^T)^-1 by two triangular solves from the right, in the (t, n) layout
-                L = torch.from_numpy(self.cholesky_[m]).to(dev)
-                B = torch.linalg.solve_triangular(L.T, B, upper=True, left=False)
-                _accumulate(S, torch.linalg.solve_triangular(L, B, upper=False, left=False), m == 0)
+                _accumulate(S, _solve_right(B, L), m == 0)
         S *= torch.from_numpy(self.q_ / M).to(dev)[None, :]
         return S.cpu().numpy()
 
@@ -1044,10 +1033,11 @@ class TRAK(TransformerMixin, BaseEstimator):
         wide = self._product_dtype()
         for m in range(M):
             if self.solver_ == "primal":
-                P = torch.from_numpy(self.inverses_[m]).to(dev)
+                # phi_i^T (L L^T)^-1 phi_i = |L^-1 phi_i|^2
+                L = torch.from_numpy(self.cholesky_[m]).to(dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    Fb = self._block(F, wide)
-                    out[r0:r1] += (Fb * (Fb @ P)).sum(1, dtype=torch.float64)
+                    W = torch.linalg.solve_triangular(L.T, self._block(F, wide), upper=True, left=False)
+                    out[r0:r1] += (W * W).sum(1, dtype=torch.float64)
             else:
                 # phi_i^T (Phi^T Phi + l I)^-1 phi_i = 1 - l [(Phi Phi^T + l I)^-1]_ii
                 L = torch.from_numpy(self.cholesky_[m]).to(dev, torch.float64)
@@ -1065,6 +1055,13 @@ class TRAK(TransformerMixin, BaseEstimator):
 
 
 _SCORE_CHUNK = 1024  # training examples per scoring product
+
+
+def _solve_right(B, L):
+    """``B (L L^T)^-1`` for a lower Cholesky factor ``L``: two triangular solves from the right,
+    in B's (rows, dim) layout."""
+    B = torch.linalg.solve_triangular(L.T, B, upper=True, left=False)
+    return torch.linalg.solve_triangular(L, B, upper=False, left=False)
 
 
 def _accumulate(dst, src, first):
