@@ -1077,7 +1077,7 @@ def _upper_gram(F, dtype, blocks=8):
     from products in F's precision: row panels of the upper triangle only, about 56 % of the
     flops of the full product."""
     n = F.shape[0]
-    rows = max(128, -(-n // blocks))
+    rows = max(64, -(-n // blocks))
     U = torch.empty(n, n, dtype=dtype, device=F.device)
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
