@@ -89,7 +89,7 @@ def test_exact_trak_equals_numpy_formula(data, models, hidden, solver):
     np.testing.assert_allclose(trak.self_influence(), ref_self, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("projection", ["factored", "gaussian"])
+@pytest.mark.parametrize("projection", ["kronecker", "factored", "gaussian"])
 def test_projected_scores_converge_to_exact(data, models, projection):
     X, y, Xt, yt = data
     model = models[16]

@@ -383,10 +383,13 @@ class TRAK(TransformerMixin, BaseEstimator):
         template whose clones are trained on random subsets (TRAK-k).
     projection_dim : int or None, default=2048
         Dimension ``k`` of the random projection; ``None`` uses the exact per-example gradients.
-    projection : {"factored", "kronecker", "rademacher", "gaussian", "sparse"}, default="factored"
-        Kind of projection (:mod:`skattr.projection`).  ``"factored"`` never forms a
-        per-example gradient of a Linear layer and is much faster for wide layers; a Conv layer
-        with a small kernel is projected with dense Gaussian rows when that is cheaper.
+    projection : {"kronecker", "factored", "rademacher", "gaussian", "sparse"}, default="kronecker"
+        Kind of projection (:mod:`skattr.projection`).  ``"kronecker"`` and ``"factored"`` never
+        form a per-example gradient of a Linear layer (a Conv layer with a small kernel is
+        projected from its formed gradient when that is cheaper); ``"kronecker"`` rows cost a
+        quarter of ``"factored"`` ones and gave the same LDS on digits (benchmarks/README.md,
+        section 4), so it is TRAK's default (the kernel estimators keep ``"factored"``, whose
+        rows are independent).
     n_models : int or None, default=None
         Ensemble size.  With ``models`` given, the first ``n_models`` of them (default all);
         otherwise ``None`` or 1 attributes ``model`` itself and ``n_models > 1`` trains that many
@@ -487,7 +490,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         model,
         *,
         projection_dim=2048,
-        projection="factored",
+        projection="kronecker",
         n_models=None,
         models=None,
         subset_fraction=0.5,
