@@ -89,6 +89,35 @@ def test_exact_trak_equals_numpy_formula(data, models, hidden, solver):
     np.testing.assert_allclose(trak.self_influence(), ref_self, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("hidden, solver", [(3, "primal"), (16, "dual")])
+def test_float32_features_match_float64_formula(data, models, hidden, solver):
+    """float32 features take the float32 path (products, factorisation, solves): the scores
+    stay within float32 accuracy of the float64 formula on the same weights."""
+    X, y, Xt, yt = data
+    m64 = models[hidden]
+    m32 = TorchModel(copy.deepcopy(m64.module_).float(), dtype="float32")  # wrapped, used as is
+    trak = TRAK(m32, projection_dim=None, ridge=1e-2).fit(X, y)
+    assert trak.solver_ == solver and trak.cholesky_[0].dtype == np.float32
+    ref, ref_self = _numpy_trak(m64, X, y, Xt, yt, 1e-2)
+    S = trak.attribute(Xt, yt)
+    assert S.dtype == np.float64
+    # measured: 2.5e-6 (primal) and 1.0e-5 (dual) of the largest score
+    np.testing.assert_allclose(S, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(trak.self_influence(), ref_self, rtol=1e-4, atol=1e-6)
+
+
+def test_float32_factorisation_falls_back_to_float64(models):
+    """A system that is positive definite in float64 but singular once rounded to float32 is
+    factorised in float64 instead of failing or returning garbage."""
+    trak = TRAK(models[3])
+    trak.solver_ = "primal"
+    A = torch.tensor([[1.0, 1.0 - 1e-9], [1.0 - 1e-9, 1.0]], dtype=torch.float64)
+    assert torch.linalg.cholesky_ex(A.float())[1] != 0  # breaks down in float32
+    L = trak._cholesky(A, 0, 1e-12, torch.float32)
+    assert L.dtype == torch.float64
+    torch.testing.assert_close(L @ L.T, A, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("projection", ["kronecker", "factored", "gaussian"])
 def test_projected_scores_converge_to_exact(data, models, projection):
     X, y, Xt, yt = data
