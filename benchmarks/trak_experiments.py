@@ -7,7 +7,7 @@ previous run's ``results.json``):
     TRAK with ``projection_dim=None`` against a direct numpy implementation of the formula
     (per-example margin gradients from ``torch.func.jacrev``, ``(Phi^T Phi + lambda I)^{-1}`` by
     ``numpy.linalg.inv``) on a small float64 MLP, and the relative error of projected TRAK at
-    k = 64 ... 8192 (factored and Gaussian projections).
+    k = 64 ... 8192 (kronecker, factored and Gaussian projections).
 ``lds``
     Linear datamodeling score on digits for an MLP (64-128-128-10) and a small CNN: ground truth
     from 50 models retrained on random halves; TRAK with 1, 5 and 10 models (members trained on
@@ -101,13 +101,14 @@ def exact_part(args):
     dims = [64, 256] if args.quick else [64, 256, 1024, 4096, 8192]
     for k in dims:
         row = [k]
-        for proj in ("factored", "gaussian"):
+        for proj in ("kronecker", "factored", "gaussian"):
             Sk = TRAK(model, projection_dim=k, projection=proj, ridge=ridge).fit(Xtr, ytr).attribute(Xte, yte)
             rel = np.linalg.norm(Sk - S) / np.linalg.norm(S)
             corr = np.corrcoef(Sk.ravel(), S.ravel())[0, 1]
             row += [rel, corr]
         rows.append(row)
-    print_md(rows, ["k", "factored rel. error", "factored corr.", "gaussian rel. error", "gaussian corr."],
+    print_md(rows, ["k", "kronecker rel. error", "kronecker corr.", "factored rel. error", "factored corr.",
+                    "gaussian rel. error", "gaussian corr."],
              "Projected TRAK vs exact TRAK (same model and ridge): relative Frobenius error, correlation")
     return {"exact_max_rel_error": float(err), "convergence": rows}
 
