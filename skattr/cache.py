@@ -8,6 +8,8 @@ import threading
 import numpy as np
 import torch
 
+from ._linalg import sym_gram
+
 __all__ = ["FeatureCache"]
 
 
@@ -107,26 +109,38 @@ class FeatureCache:
             if lower:  # nested: add the contribution of rows kk:k to the Gram at kk
                 kk = max(lower)
                 grams[kk] = _extend_gram(grams[kk], F, kk)
-                A = F[..., kk:k].flatten(1)
-                G = torch.addmm(grams[kk], A, A.T)
+                G = sym_gram(F[..., kk:k].flatten(1), base=grams[kk])
             else:
-                A = F[..., :k].flatten(1)
-                G = A @ A.T
+                G = sym_gram(F[..., :k].flatten(1))
         grams[k] = G
         return G
 
-    def get(self, key, X, k, compute, return_hashes=False):
+    def get(self, key, X, k, compute, return_hashes=False, gather=True):
         """Features (n, m, k) of ``X`` (unscaled), computing what is missing.
 
         ``compute(X_rows, start, k)`` must return the unscaled features of rows
         ``start:start + k`` of the nested projection for the given samples.  With
-        ``return_hashes=True`` also returns the samples' content hashes (for :meth:`gram`).
+        ``return_hashes=True`` also returns the samples' content hashes (for :meth:`gram` and
+        :meth:`take`); ``gather=False`` only makes sure the rows are cached and returns None
+        for the features.  The features are a view of the cache when ``X`` is the cached rows
+        in order (do not modify them), a new tensor otherwise.
         """
         hashes = _row_hashes(X)
-        F = self._get(key, X, k, compute, hashes)
+        self._ensure(key, X, k, compute, hashes)
+        F = self.take(key, hashes, k) if gather else None
         return (F, hashes) if return_hashes else F
 
-    def _get(self, key, X, k, compute, hashes):
+    def take(self, key, hashes, k):
+        """The cached features (n, m, k) of samples given by their hashes (see :meth:`get`)."""
+        with self._lock:
+            e = self._store[key]
+            pos = [e["index"][h] for h in hashes]
+            F = e["F"][..., :k]
+            if pos == list(range(F.shape[0])):
+                return F
+            return F.index_select(0, torch.as_tensor(pos, device=F.device))
+
+    def _ensure(self, key, X, k, compute, hashes):
         with self._lock:
             e = self._store.get(key)
             if e is None:
@@ -162,11 +176,6 @@ class FeatureCache:
                         f"max_bytes={self.max_bytes}; use a larger max_bytes or clear() it."
                     )
             self.hits += len(hashes) - len(missing)
-            pos = [e["index"][h] for h in hashes]
-            F = e["F"][..., :k]
-            if pos == list(range(F.shape[0])):
-                return F
-            return F.index_select(0, torch.as_tensor(pos, device=F.device))
 
 
 def _extend_gram(G, F, k):

@@ -277,6 +277,27 @@ def test_feature_cache_gives_identical_kernels(trained, cls):
     assert cache.misses == n_distinct
 
 
+def test_feature_cache_rows_are_not_scaled_in_place(trained):
+    """Features handed out as a view of the cache (the cached rows, in order) are copied before
+    scaling, and gathered ones are scaled in place: repeated fits and transforms agree with
+    the uncached estimator, and gather=False + take equals get."""
+    model, X, y = trained
+    cache = FeatureCache()
+    plain = TraceNTK(model, projection_dim=32).fit(X[:40])
+    for _ in range(3):  # fit on the cached rows in order (a view), then on a permutation
+        est = TraceNTK(model, projection_dim=32, memory=cache).fit(X[:40])
+        torch.testing.assert_close(est.features_, plain.features_, rtol=1e-6, atol=1e-7)
+        perm = TraceNTK(model, projection_dim=32, memory=cache).fit(X[:40][::-1].copy())
+        torch.testing.assert_close(perm.features_, plain.features_.flip(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(est.transform(X[:40]), plain.transform(X[:40]), rtol=1e-5, atol=1e-6)
+    key = est._cache_key()
+    Xt = model.to_tensor(X[5:25])
+    F, h = cache.get(key, Xt, 32, None, return_hashes=True)
+    none, h2 = cache.get(key, Xt, 32, None, return_hashes=True, gather=False)
+    assert none is None and h2 == h
+    torch.testing.assert_close(cache.take(key, h, 32), F, rtol=0, atol=0)
+
+
 def test_feature_cache_hit_across_clones_and_folds(trained):
     model, X, y = trained
     cache = FeatureCache()

@@ -19,6 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .. import gradients as _grad
+from .._linalg import sym_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..cache import FeatureCache
 from ..model import TorchModel
@@ -165,8 +166,11 @@ class _GradientKernel(_BaseKernel):
         return (self.model_.fingerprint(), type(self).__name__, self._output, self.projection,
                 self._seed, self.method)
 
-    def _features(self, Xt, y):
-        """Unscaled features (n, m, k), and the samples' hashes in ``memory`` (or ``None``)."""
+    def _features(self, Xt, y, gather=True):
+        """Unscaled features (n, m, k), and the samples' hashes in ``memory`` (or ``None``).
+
+        ``gather=False`` (with ``memory``): only cache the rows; the features are None.
+        """
         k = int(self.projection_dim)
         if self.memory is None:
             return self._featurize(Xt, y, 0, k), None
@@ -177,12 +181,12 @@ class _GradientKernel(_BaseKernel):
             def compute(R, start, kk):
                 return self._featurize(R[:, :-1].reshape(-1, *Xt.shape[1:]), R[:, -1].long(), start, kk)
 
-            return self.memory.get(key, rows, k, compute, return_hashes=True)
+            return self.memory.get(key, rows, k, compute, return_hashes=True, gather=gather)
 
         def compute(R, start, kk):
             return self._featurize(R, None, start, kk)
 
-        return self.memory.get(key, Xt, k, compute, return_hashes=True)
+        return self.memory.get(key, Xt, k, compute, return_hashes=True, gather=gather)
 
     def _cached_gram(self, hx):
         """``(K(X, X_fit), K(X, X))`` unnormalised, from ``memory``'s Gram, or ``None``."""
@@ -190,7 +194,7 @@ class _GradientKernel(_BaseKernel):
             return None
         k = int(self.projection_dim)
         out = self.memory.gram(self._cache_key(), hx, self._fit_hashes, k)
-        return None if out is None else (out[0] / k, out[1] / k)
+        return None if out is None else (out[0].div_(k), out[1] / k)
 
     def _check_size(self, n, m):
         isz = torch.finfo(self.model_.torch_dtype_).bits // 8
@@ -230,7 +234,7 @@ class _GradientKernel(_BaseKernel):
             self.fit_diag_ = torch.cat([_grad.self_gram(r, self._mode) for r in self.fit_records_])
         else:
             F, self._fit_hashes = self._features(Xt, yt)
-            self.features_ = scale_features(F, int(self.projection_dim))
+            self.features_ = self._scale(F)
             self.fit_diag_ = self._feat_self(self.features_)
         self.n_fit_ = int(Xt.shape[0])
         return self
@@ -250,9 +254,18 @@ class _GradientKernel(_BaseKernel):
             hint="Use projection_dim=k to store k projected features per output instead.",
         )
 
+    def _scale(self, F):
+        """Features divided by sqrt(k): in place when ``F`` is this call's own tensor (computed,
+        or gathered from ``memory``), instead of a fresh (n, m, k) copy; a view of the cache is
+        copied."""
+        k = int(self.projection_dim)
+        if F.shape[-1] == k and not F._is_view():
+            return F.div_(math.sqrt(k))
+        return scale_features(F, k)
+
     def _feat_self(self, F):
-        if self._mode == "trace":
-            return (F**2).sum((-1, -2))
+        if self._mode == "trace":  # sum of squares without an (n, m, k) temporary
+            return torch.linalg.vector_norm(F.flatten(1), dim=1) ** 2
         return torch.einsum("nmk,nok->nmo", F, F)
 
     def _feat_gram(self, A, B):
@@ -272,6 +285,9 @@ class _GradientKernel(_BaseKernel):
                     yield 0, cached[0].shape[0], cached[0], cached[1]
                     return
                 F = self.features_
+                if self._mode == "trace":  # symmetric: half the products, mirrored
+                    yield 0, F.shape[0], sym_gram(F.flatten(1)), self.fit_diag_
+                    return
                 for i0, i1 in self._chunks(F.shape[0]):
                     yield i0, i1, self._feat_gram(F[i0:i1], F), self.fit_diag_[i0:i1]
                 return
@@ -285,12 +301,15 @@ class _GradientKernel(_BaseKernel):
         Xt = self.model_.to_tensor(X)
         yt = self._labels(Xt, None)
         if self.projection_dim is not None:
-            F, hx = self._features(Xt, yt)
+            # with a cached Gram the rows' features are not needed: cache them, then look up
+            F, hx = self._features(Xt, yt, gather=self.memory is None or self._mode != "trace")
             cached = self._cached_gram(hx)
             if cached is not None:
                 yield 0, Xt.shape[0], cached[0], cached[1]
                 return
-            F = scale_features(F, int(self.projection_dim))
+            if F is None:
+                F = self.memory.take(self._cache_key(), hx, int(self.projection_dim))
+            F = self._scale(F)
             for i0, i1 in self._chunks(Xt.shape[0]):
                 A = F[i0:i1]
                 yield i0, i1, self._feat_gram(A, self.features_), self._feat_self(A)
@@ -356,9 +375,10 @@ class _GradientKernel(_BaseKernel):
             raise ValueError("feature_map needs projection_dim to be set (the exact map is p-dimensional).")
         X = self._validate(X, reset=False)
         Xt = self.model_.to_tensor(X)
-        F = scale_features(self._features(Xt, self._labels(Xt, None))[0], int(self.projection_dim))
+        F = self._scale(self._features(Xt, self._labels(Xt, None))[0])
         if self.normalize:
-            F = F / torch.sqrt(torch.clamp((F**2).sum((-1, -2)), min=_EPS))[:, None, None]
+            norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
+            F = F / torch.clamp(norms, min=math.sqrt(_EPS))[:, None, None]
         return self._to_numpy(F.flatten(1))
 
 

@@ -51,6 +51,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .. import gradients as _grad
+from .._linalg import upper_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..model import TorchModel
 from ..projection import KINDS, Projector, scale_features
@@ -873,7 +874,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         if self.solver_ == "primal":
             U = None
             for _, _, F, _ in st.iter_blocks(m):
-                Ub = _upper_gram(self._block(F, wide).T, acc)  # Phi_b^T Phi_b
+                Ub = upper_gram(self._block(F, wide).T, acc)  # Phi_b^T Phi_b
                 U = Ub if U is None else U.add_(Ub)
         else:
             check_memory(n * n * torch.finfo(acc).bits // 8, f"The {n} x {n} dual Gram matrix")
@@ -881,7 +882,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             blocks = list(st.iter_blocks(m))
             for i, (r0, r1, F, _) in enumerate(blocks):
                 Fa = self._block(F, wide)
-                U[r0:r1, r0:r1] = _upper_gram(Fa, acc)
+                U[r0:r1, r0:r1] = upper_gram(Fa, acc)
                 for s0, s1, F2, _ in blocks[i + 1 :]:
                     U[r0:r1, s0:s1] = Fa @ self._block(F2, wide).T
         G = U.T
@@ -1073,19 +1074,6 @@ def _accumulate(dst, src, first):
         dst.copy_(src)
     else:
         dst.add_(src)
-
-
-def _upper_gram(F, dtype, blocks=8):
-    """The upper triangle of ``F @ F.T`` (its lower triangle is left unspecified), in ``dtype``
-    from products in F's precision: row panels of the upper triangle only, about 56 % of the
-    flops of the full product."""
-    n = F.shape[0]
-    rows = max(64, -(-n // blocks))
-    U = torch.empty(n, n, dtype=dtype, device=F.device)
-    for i0 in range(0, n, rows):
-        i1 = min(n, i0 + rows)
-        U[i0:i1, i0:] = F[i0:i1] @ F[i0:].T
-    return U
 
 
 def template_hash(model):
