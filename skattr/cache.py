@@ -99,6 +99,21 @@ class FeatureCache:
             jf = torch.as_tensor([idx[h] for h in hf], device=G.device)
             return G.index_select(0, ix).index_select(1, jf), G.diagonal()[ix]
 
+    def sq_norms(self, key, hashes, k):
+        """Unscaled squared norms ``|F[i, :, :k]|^2`` of cached samples given by their hashes
+        (the trace Gram's diagonal), kept per projection size for every cached sample."""
+        with self._lock:
+            e = self._store[key]
+            norms = e.setdefault("norms", {})
+            N = e["F"].shape[0]
+            have = norms.get(k)
+            if have is None or have.shape[0] < N:
+                n0 = 0 if have is None else have.shape[0]
+                new = torch.linalg.vector_norm(e["F"][n0:, :, :k], dim=(1, 2)) ** 2
+                norms[k] = new if have is None else torch.cat([have, new])
+            ix = torch.as_tensor([e["index"][h] for h in hashes], device=e["F"].device)
+            return norms[k].index_select(0, ix)
+
     def _gram_at(self, e, k):
         """The Gram at size k over all cached rows (extended to new rows as needed)."""
         F, grams = e["F"], e["grams"]

@@ -298,6 +298,24 @@ def test_feature_cache_rows_are_not_scaled_in_place(trained):
     torch.testing.assert_close(cache.take(key, h, 32), F, rtol=0, atol=0)
 
 
+def test_lazy_fit_features_from_the_cache(trained):
+    """With a cache, a trace kernel's fit set features are gathered only when needed; they
+    equal the uncached ones, travel in a pickle, and a cleared cache gives a clear error."""
+    model, X, y = trained
+    plain = TraceNTK(model, projection_dim=32).fit(X[:40])
+    cache = FeatureCache()
+    est = TraceNTK(model, projection_dim=32, memory=cache).fit(X[:40])
+    assert est._feats is None  # not gathered by fit
+    torch.testing.assert_close(est.fit_diag_, plain.fit_diag_, rtol=1e-5, atol=1e-7)
+    est2 = pickle.loads(pickle.dumps(est))  # materialised for the pickle
+    torch.testing.assert_close(est2.features_, plain.features_, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(est2.transform(X[50:60]), plain.transform(X[50:60]), rtol=1e-5, atol=1e-6)
+    lazy = TraceNTK(model, projection_dim=32, memory=cache).fit(X[:40])
+    cache.clear()
+    with pytest.raises(RuntimeError, match="removed from memory"):
+        lazy.transform(X[50:60])
+
+
 def test_feature_cache_hit_across_clones_and_folds(trained):
     model, X, y = trained
     cache = FeatureCache()

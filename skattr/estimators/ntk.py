@@ -226,18 +226,49 @@ class _GradientKernel(_BaseKernel):
         if self.projection_dim is None:
             self._check_exact_size(Xt, yt)
             self._fit_hashes = None
+            self.__dict__.pop("_feats", None)
             chunks = self._chunks(Xt.shape[0])
             self.fit_records_ = [
                 self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
                 for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} fit")
             ]
             self.fit_diag_ = torch.cat([_grad.self_gram(r, self._mode) for r in self.fit_records_])
+        elif self.memory is not None and self._mode == "trace":
+            # the cached Gram serves every kernel of the fit set: gather its features only
+            # when something needs them (transforming samples whose Gram is not cached)
+            _, self._fit_hashes = self._features(Xt, yt, gather=False)
+            self._feats = None
+            k = int(self.projection_dim)
+            self.fit_diag_ = self.memory.sq_norms(self._cache_key(), self._fit_hashes, k) / k
         else:
             F, self._fit_hashes = self._features(Xt, yt)
-            self.features_ = self._scale(F)
-            self.fit_diag_ = self._feat_self(self.features_)
+            self._feats = self._scale(F)
+            self.fit_diag_ = self._feat_self(self._feats)
         self.n_fit_ = int(Xt.shape[0])
         return self
+
+    @property
+    def features_(self):
+        """The fit set's projected features (n_fit, C, projection_dim), scaled by 1/sqrt(k);
+        with a ``memory`` they are gathered from it on first use."""
+        if "_feats" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no features_ (not fitted, or exact).")
+        if self._feats is None:
+            k = int(self.projection_dim)
+            try:
+                F = self.memory.take(self._cache_key(), self._fit_hashes, k)
+            except KeyError:
+                raise RuntimeError(
+                    f"The fit set's features were removed from memory (FeatureCache.clear()) "
+                    f"before {type(self).__name__} needed them; fit again."
+                ) from None
+            self._feats = self._scale(F)
+        return self._feats
+
+    def __getstate__(self):
+        if self.__dict__.get("_feats", 0) is None:
+            self.features_  # a pickle carries the features, not the cache  # noqa: B018
+        return super().__getstate__()
 
     def _n_out(self):
         if self._output == "logits":
