@@ -64,8 +64,8 @@ class FeatureCache:
 
     def nbytes(self):
         """Bytes of cached features (Gram matrices not included: see :meth:`gram_nbytes`)."""
-        return sum(e["F"].numel() * e["F"].element_size() for e in self._store.values()
-                   if e["F"] is not None)
+        return sum(b.numel() * b.element_size() for e in self._store.values()
+                   for _, _, b in e["blocks"])
 
     def gram_nbytes(self):
         return sum(G.numel() * G.element_size() for e in self._store.values()
@@ -84,14 +84,14 @@ class FeatureCache:
         """
         with self._lock:
             e = self._store.get(key)
-            if e is None or e["F"] is None or k > e["k"]:
+            if e is None or not e["blocks"] or k > e["k"]:
                 return None
             idx = e["index"]
             if any(h not in idx for h in hx) or any(h not in idx for h in hf):
                 return None
-            N = e["F"].shape[0]
+            N = _n_rows(e)
             grams = e.setdefault("grams", {})
-            isz = e["F"].element_size()
+            isz = e["blocks"][0][2].element_size()
             if k not in grams and self.gram_nbytes() + N * N * isz > (self.max_gram_bytes or 0):
                 return None
             G = self._gram_at(e, k)
@@ -105,28 +105,28 @@ class FeatureCache:
         with self._lock:
             e = self._store[key]
             norms = e.setdefault("norms", {})
-            N = e["F"].shape[0]
+            N = _n_rows(e)
             have = norms.get(k)
             if have is None or have.shape[0] < N:
                 n0 = 0 if have is None else have.shape[0]
-                new = torch.linalg.vector_norm(e["F"][n0:, :, :k], dim=(1, 2)) ** 2
+                new = sum(torch.linalg.vector_norm(P[n0:], dim=(1, 2)) ** 2 for P in _pieces(e, 0, k))
                 norms[k] = new if have is None else torch.cat([have, new])
-            ix = torch.as_tensor([e["index"][h] for h in hashes], device=e["F"].device)
+            ix = torch.as_tensor([e["index"][h] for h in hashes], device=norms[k].device)
             return norms[k].index_select(0, ix)
 
     def _gram_at(self, e, k):
         """The Gram at size k over all cached rows (extended to new rows as needed)."""
-        F, grams = e["F"], e["grams"]
+        grams = e["grams"]
         if k in grams:
-            G = _extend_gram(grams[k], F, k)
+            G = _extend_gram(grams[k], e, k)
         else:
             lower = [kk for kk in grams if kk < k]
+            G, k0 = None, 0
             if lower:  # nested: add the contribution of rows kk:k to the Gram at kk
-                kk = max(lower)
-                grams[kk] = _extend_gram(grams[kk], F, kk)
-                G = sym_gram(F[..., kk:k].flatten(1), base=grams[kk])
-            else:
-                G = sym_gram(F[..., :k].flatten(1))
+                k0 = max(lower)
+                G = grams[k0] = _extend_gram(grams[k0], e, k0)
+            for P in _pieces(e, k0, k):  # whole column blocks flatten without a copy
+                G = sym_gram(P.flatten(1), base=G)
         grams[k] = G
         return G
 
@@ -150,22 +150,27 @@ class FeatureCache:
         with self._lock:
             e = self._store[key]
             pos = [e["index"][h] for h in hashes]
-            F = e["F"][..., :k]
-            if pos == list(range(F.shape[0])):
-                return F
-            return F.index_select(0, torch.as_tensor(pos, device=F.device))
+            pieces = list(_pieces(e, 0, k))
+            in_order = pos == list(range(_n_rows(e)))
+            if len(pieces) == 1:
+                F = pieces[0]  # a view of the cache
+                return F if in_order else F.index_select(0, torch.as_tensor(pos, device=F.device))
+            if not in_order:
+                ix = torch.as_tensor(pos, device=pieces[0].device)
+                pieces = [P.index_select(0, ix) for P in pieces]
+            return torch.cat(pieces, dim=-1)
 
     def _ensure(self, key, X, k, compute, hashes):
         with self._lock:
             e = self._store.get(key)
             if e is None:
-                e = {"index": {}, "F": None, "k": 0}
+                e = {"index": {}, "blocks": [], "k": 0}
                 self._store[key] = e
-            # extend every cached row to k features if needed (nested rows: only the new ones)
-            if e["F"] is not None and k > e["k"]:
-                rows = e["rows"]
-                ext = compute(rows, e["k"], k - e["k"])
-                e["F"] = torch.cat([e["F"], ext.to(e["F"].device)], dim=-1)
+            # extend every cached row to k features if needed (nested rows: only the new ones);
+            # the new columns are a block of their own, nothing cached is copied
+            if e["blocks"] and k > e["k"]:
+                ext = compute(e["rows"], e["k"], k - e["k"])
+                e["blocks"].append((e["k"], k, ext.to(e["blocks"][0][2].device)))
                 e["k"] = k
             missing = [i for i, h in enumerate(dict.fromkeys(hashes)) if h not in e["index"]]
             uniq = list(dict.fromkeys(hashes))
@@ -176,13 +181,16 @@ class FeatureCache:
                 sel = X[idx] if not isinstance(X, list) else [X[i] for i in idx]
                 kk = max(k, e["k"])
                 newF = compute(sel, 0, kk)
-                base = 0 if e["F"] is None else e["F"].shape[0]
+                base = _n_rows(e)
                 for j, i in enumerate(missing):
                     e["index"][uniq[i]] = base + j
-                if e["F"] is None:
-                    e["F"], e["rows"] = newF, sel
+                if not e["blocks"]:
+                    e["blocks"], e["rows"] = [(0, kk, newF)], sel
                 else:
-                    e["F"] = torch.cat([e["F"], newF.to(e["F"].device)])
+                    e["blocks"] = [(c0, c1, torch.cat([b, newF[..., c0:c1].to(b.device)]))
+                                   for c0, c1, b in e["blocks"]]
+                    if kk > e["k"]:
+                        e["blocks"].append((e["k"], kk, newF[..., e["k"]:kk]))
                     e["rows"] = _concat(e["rows"], sel)
                 e["k"] = kk
                 if self.max_bytes is not None and self.nbytes() > self.max_bytes:
@@ -193,13 +201,27 @@ class FeatureCache:
             self.hits += len(hashes) - len(missing)
 
 
-def _extend_gram(G, F, k):
-    """Extend the Gram ``G`` of the first rows of ``F`` (at size k) to all of F's rows."""
-    N, N0 = F.shape[0], G.shape[0]
+def _n_rows(e):
+    return e["blocks"][0][2].shape[0] if e["blocks"] else 0
+
+
+def _pieces(e, c0, c1):
+    """Views (N, m, .) of the cached column blocks covering columns ``c0:c1``, in order."""
+    for b0, b1, B in e["blocks"]:
+        lo, hi = max(b0, c0), min(b1, c1)
+        if lo < hi:
+            yield B[..., lo - b0 : hi - b0]
+
+
+def _extend_gram(G, e, k):
+    """Extend the Gram ``G`` of the first cached rows (at size k) to every cached row."""
+    N, N0 = _n_rows(e), G.shape[0]
     if N0 == N:
         return G
-    A = F[..., :k].flatten(1)
-    B = A[N0:] @ A.T  # (N - N0, N)
+    B = None  # (N - N0, N): the new rows against all rows
+    for P in _pieces(e, 0, k):
+        A = P.flatten(1)
+        B = A[N0:] @ A.T if B is None else B.addmm_(A[N0:], A.T)
     out = torch.empty(N, N, dtype=G.dtype, device=G.device)
     out[:N0, :N0] = G
     out[N0:] = B
