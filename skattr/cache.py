@@ -147,18 +147,20 @@ class FeatureCache:
 
     def take(self, key, hashes, k):
         """The cached features (n, m, k) of samples given by their hashes (see :meth:`get`)."""
+        return gather_rows(*self.rows_view(key, hashes, k))
+
+    def rows_view(self, key, hashes, k):
+        """``(pieces, pos)``: views of the cached column blocks covering ``:k`` and the cached
+        rows of the given samples (``None`` when they are all cached rows, in order).  The
+        views stay valid after :meth:`clear` (they keep their blocks alive);
+        :func:`gather_rows` turns them into features."""
         with self._lock:
             e = self._store[key]
             pos = [e["index"][h] for h in hashes]
             pieces = list(_pieces(e, 0, k))
-            in_order = pos == list(range(_n_rows(e)))
-            if len(pieces) == 1:
-                F = pieces[0]  # a view of the cache
-                return F if in_order else F.index_select(0, torch.as_tensor(pos, device=F.device))
-            if not in_order:
-                ix = torch.as_tensor(pos, device=pieces[0].device)
-                pieces = [P.index_select(0, ix) for P in pieces]
-            return torch.cat(pieces, dim=-1)
+            if pos == list(range(_n_rows(e))):
+                return pieces, None
+            return pieces, torch.as_tensor(pos, device=pieces[0].device)
 
     def _ensure(self, key, X, k, compute, hashes):
         with self._lock:
@@ -199,6 +201,14 @@ class FeatureCache:
                         f"max_bytes={self.max_bytes}; use a larger max_bytes or clear() it."
                     )
             self.hits += len(hashes) - len(missing)
+
+
+def gather_rows(pieces, pos):
+    """Features (n, m, k) from :meth:`FeatureCache.rows_view`: a view of the cache for one
+    block and rows in order, a new tensor otherwise."""
+    if pos is not None:
+        pieces = [P.index_select(0, pos) for P in pieces]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 def _n_rows(e):

@@ -106,6 +106,17 @@ def test_float32_features_match_float64_formula(data, models, hidden, solver):
     np.testing.assert_allclose(trak.self_influence(), ref_self, rtol=1e-4, atol=1e-6)
 
 
+def test_float32_factorisation_only_when_well_conditioned(data, models):
+    """float32 features are factorised in float32 only while 1 + n / ridge (a bound on the
+    system's condition number) is at most 1e5; beyond, the factor is float64."""
+    X, y, _, _ = data
+    m32 = TorchModel(copy.deepcopy(models[16].module_).float(), dtype="float32")
+    for ridge, dtype in ((1e-2, np.float32), (1e-5, np.float64)):
+        trak = TRAK(m32, projection_dim=24, ridge=ridge).fit(X, y)
+        assert trak.cholesky_[0].dtype == dtype, ridge
+        assert np.isfinite(trak.attribute(X[:3], y[:3])).all()
+
+
 def test_float32_factorisation_falls_back_to_float64(models):
     """A system that is positive definite in float64 but singular once rounded to float32 is
     factorised in float64 instead of failing or returning garbage."""
@@ -300,6 +311,14 @@ def test_store_blockwise_equals_in_memory(data, models, tmp_path):
         np.testing.assert_allclose(st.self_influence(), mem.self_influence(), rtol=1e-8, atol=1e-12)
     # different settings never share a store directory
     assert len(list(tmp_path.glob("store-*"))) == 2
+    # the saved system is its upper triangle only (no uninitialised half), and a refit on the
+    # same store loads it and gives the same scores
+    for sub in tmp_path.glob("store-*"):
+        for f in sub.rglob("m000_gram_*.npy"):
+            U = np.load(f)
+            assert np.array_equal(U, np.triu(U)) and np.all(np.diag(U) > 0)
+    again = TRAK(models[16], projection_dim=20, ridge=0.1, store=tmp_path, block_size=7).fit(X, y)
+    np.testing.assert_allclose(again.attribute(Xt, yt), st.attribute(Xt, yt), rtol=1e-12, atol=0)
 
 
 def test_interrupted_store_resumes(data, models, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from .. import gradients as _grad
 from .._linalg import sym_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
-from ..cache import FeatureCache
+from ..cache import FeatureCache, gather_rows
 from ..model import TorchModel
 from ..projection import KINDS, Projector, scale_features
 
@@ -227,6 +227,7 @@ class _GradientKernel(_BaseKernel):
             self._check_exact_size(Xt, yt)
             self._fit_hashes = None
             self.__dict__.pop("_feats", None)
+            self.__dict__.pop("_feats_src", None)
             chunks = self._chunks(Xt.shape[0])
             self.fit_records_ = [
                 self._records(Xt[i0:i1], None if yt is None else yt[i0:i1])
@@ -237,12 +238,13 @@ class _GradientKernel(_BaseKernel):
             # the cached Gram serves every kernel of the fit set: gather its features only
             # when something needs them (transforming samples whose Gram is not cached)
             _, self._fit_hashes = self._features(Xt, yt, gather=False)
-            self._feats = None
-            k = int(self.projection_dim)
-            self.fit_diag_ = self.memory.sq_norms(self._cache_key(), self._fit_hashes, k) / k
+            k, key = int(self.projection_dim), self._cache_key()
+            # views of the cached blocks (not copies): valid whatever later happens to memory
+            self._feats, self._feats_src = None, self.memory.rows_view(key, self._fit_hashes, k)
+            self.fit_diag_ = self.memory.sq_norms(key, self._fit_hashes, k) / k
         else:
             F, self._fit_hashes = self._features(Xt, yt)
-            self._feats = self._scale(F)
+            self._feats, self._feats_src = self._scale(F), None
             self.fit_diag_ = self._feat_self(self._feats)
         self.n_fit_ = int(Xt.shape[0])
         return self
@@ -254,20 +256,16 @@ class _GradientKernel(_BaseKernel):
         if "_feats" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__} has no features_ (not fitted, or exact).")
         if self._feats is None:
-            k = int(self.projection_dim)
-            try:
-                F = self.memory.take(self._cache_key(), self._fit_hashes, k)
-            except KeyError:
-                raise RuntimeError(
-                    f"The fit set's features were removed from memory (FeatureCache.clear()) "
-                    f"before {type(self).__name__} needed them; fit again."
-                ) from None
-            self._feats = self._scale(F)
+            F = gather_rows(*self._feats_src)
+            k = F.shape[-1]
+            # a view of the cache is copied by the division, a gathered tensor divided in place
+            self._feats = F / math.sqrt(k) if F._is_view() else F.div_(math.sqrt(k))
+            self._feats_src = None
         return self._feats
 
     def __getstate__(self):
         if self.__dict__.get("_feats", 0) is None:
-            self.features_  # a pickle carries the features, not the cache  # noqa: B018
+            self.features_  # a pickle carries the features, not views of the cache  # noqa: B018
         return super().__getstate__()
 
     def _n_out(self):

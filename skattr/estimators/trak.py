@@ -25,9 +25,10 @@ Implementation notes
 * ``ridge`` is relative: ``lambda = ridge * mean_i |phi_i|^2``, so it does not depend on the
   scale of the gradients or on ``projection_dim``.
 * Precision follows the features: products of float32 features run in float32 and are summed
-  across store blocks in float64; the system is factorised in float32 too (its entries are only
-  float32-accurate; a breakdown is redone in float64); scores come from triangular solves with
-  the factor.  ``ridge=0`` or float64 features: float64 throughout.
+  across store blocks in float64; the system is factorised in float32 too when it is well
+  conditioned (``1 + n / ridge <= 1e5``; its entries are only float32-accurate; a breakdown is
+  redone in float64); scores come from triangular solves with the factor.  ``ridge=0`` or
+  float64 features: float64 throughout.
 * With ``store=`` the features live in an on-disk :class:`skattr.store.FeatureStore` and every
   computation is blockwise; an interrupted featurisation resumes where it stopped.
 """
@@ -444,7 +445,8 @@ class TRAK(TransformerMixin, BaseEstimator):
         The absolute ridge of each member.
     cholesky_ : list of ndarray of shape (k, k) (primal) or (n_train, n_train) (dual)
         The lower Cholesky factor of each member's ``Phi^T Phi + lambda I`` (or ``Phi Phi^T +
-        lambda I``), in the features' precision (float64 for ``ridge=0``).
+        lambda I``): float32 for float32 features when ``1 + n_train / ridge <= 1e5`` (a bound
+        on its condition number), float64 otherwise.
     solver_ : {"primal", "dual"}
         ``k x k`` system (k <= n) or ``n x n`` system (k > n).
     feature_dim_ : int
@@ -866,29 +868,28 @@ class TRAK(TransformerMixin, BaseEstimator):
         st, n, k = self._features, self.n_train_, self.feature_dim_
         name = f"m{m:03d}_gram_{self.solver_}"
         shape = (k, k) if self.solver_ == "primal" else (n, n)
-        G = st.load_array(name, mmap=False)
-        if G is not None and G.shape == shape:
-            return torch.from_numpy(np.array(G)).to(self._device)
+        U = st.load_array(name, mmap=False)  # stored as its upper triangle
+        if U is not None and U.shape == shape:
+            return torch.from_numpy(np.array(U)).to(self._device).T
         wide = self._product_dtype()
-        acc = wide if st.n_blocks == 1 else torch.float64
+        blocks = list(st.iter_blocks(m))
+        acc = wide if len(blocks) == 1 else torch.float64
         if self.solver_ == "primal":
             U = None
-            for _, _, F, _ in st.iter_blocks(m):
+            for _, _, F, _ in blocks:
                 Ub = upper_gram(self._block(F, wide).T, acc)  # Phi_b^T Phi_b
                 U = Ub if U is None else U.add_(Ub)
         else:
             check_memory(n * n * torch.finfo(acc).bits // 8, f"The {n} x {n} dual Gram matrix")
             U = torch.empty(n, n, dtype=acc, device=self._device)
-            blocks = list(st.iter_blocks(m))
             for i, (r0, r1, F, _) in enumerate(blocks):
                 Fa = self._block(F, wide)
                 U[r0:r1, r0:r1] = upper_gram(Fa, acc)
                 for s0, s1, F2, _ in blocks[i + 1 :]:
                     U[r0:r1, s0:s1] = Fa @ self._block(F2, wide).T
-        G = U.T
-        if self.store_ is not None:
-            st.save_array(name, G.cpu().numpy())
-        return G
+        if self.store_ is not None:  # persisted without the unspecified triangle
+            st.save_array(name, U.triu_().cpu().numpy())
+        return U.T
 
     def _product_dtype(self):
         # products of features in their own precision (float64 for ridge=0, where the rank
@@ -909,9 +910,12 @@ class TRAK(TransformerMixin, BaseEstimator):
                 raise FloatingPointError(f"Model {m}: the TRAK features contain NaN or infinity.")
             lam = float(self.ridge) * mean_sq
             G.diagonal().add_(lam)
-            L = self._cholesky(G, m, lam, wide)
+            # float32 factorisation only where the system is well conditioned: its condition
+            # number is at most 1 + trace / lambda = 1 + n / ridge
+            fast = wide == torch.float32 and 1.0 + n / max(float(self.ridge), 1e-300) <= _F32_MAX_COND
+            L = self._cholesky(G, m, lam, torch.float32 if fast else torch.float64)
             del G
-            factors.append(L.to(wide).cpu().numpy())
+            factors.append(L.cpu().numpy())  # in the precision it was factorised in
             lambdas.append(lam)
             Q.append(np.asarray(self._features.q(m), dtype=np.float64))
         self.cholesky_ = factors
@@ -922,10 +926,11 @@ class TRAK(TransformerMixin, BaseEstimator):
     def _cholesky(self, A, m, lam, dtype=torch.float64):
         """Lower Cholesky factor of the float64 system ``A``, with clear errors when singular.
 
-        ``dtype=float32`` (float32 features, ridge > 0) factorises in float32: ``A`` holds sums
-        of float32 products, so it is only accurate to float32 rounding, and a float32
-        factorisation's backward error is of that same order (twice as fast); a float32
-        factorisation that breaks down is redone in float64.
+        ``dtype=float32`` (float32 features, ridge > 0, condition number at most
+        ``_F32_MAX_COND``) factorises in float32: ``A`` holds sums of float32 products, so it
+        is only accurate to float32 rounding, and a float32 factorisation's backward error is of
+        that same order (twice as fast); a float32 factorisation that breaks down is redone in
+        float64 (and kept in float64).
         """
         if dtype != torch.float64 and lam > 0:
             L, info = torch.linalg.cholesky_ex(A.to(dtype))
@@ -1004,7 +1009,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             G = self._block(G, wide)  # (t, k)
             L = torch.from_numpy(self.cholesky_[m]).to(dev)
             if self.solver_ == "primal":
-                T = _solve_right(G, L)  # (t, k)
+                T = _solve_right(G.to(L.dtype), L).to(wide)  # (t, k)
                 for r0, r1, F, _ in st.iter_blocks(m):
                     Fb = self._block(F, wide)
                     for c0 in range(r0, r1, chunk):
@@ -1016,7 +1021,7 @@ class TRAK(TransformerMixin, BaseEstimator):
                 B = torch.empty(t, n, dtype=wide, device=dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
                     B[:, r0:r1] = G @ self._block(F, wide).T
-                _accumulate(S, _solve_right(B, L), m == 0)
+                _accumulate(S, _solve_right(B.to(L.dtype), L), m == 0)
         S *= torch.from_numpy(self.q_ / M).to(dev)[None, :]
         return S.cpu().numpy()
 
@@ -1040,7 +1045,7 @@ class TRAK(TransformerMixin, BaseEstimator):
                 # phi_i^T (L L^T)^-1 phi_i = |L^-1 phi_i|^2
                 L = torch.from_numpy(self.cholesky_[m]).to(dev)
                 for r0, r1, F, _ in st.iter_blocks(m):
-                    W = torch.linalg.solve_triangular(L.T, self._block(F, wide), upper=True, left=False)
+                    W = torch.linalg.solve_triangular(L.T, self._block(F, L.dtype), upper=True, left=False)
                     out[r0:r1] += (W * W).sum(1, dtype=torch.float64)
             else:
                 # phi_i^T (Phi^T Phi + l I)^-1 phi_i = 1 - l [(Phi Phi^T + l I)^-1]_ii
@@ -1048,6 +1053,11 @@ class TRAK(TransformerMixin, BaseEstimator):
                 Linv = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=dev), upper=False)
                 out += 1.0 - self.lambdas_[m] * (Linv**2).sum(0)
         return (out / M).cpu().numpy() * self.q_
+
+    def __setstate__(self, state):
+        if "factors_" in state and "cholesky_" not in state:  # pickled when the factors were factors_
+            state["cholesky_"] = state.pop("factors_")
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -1059,6 +1069,7 @@ class TRAK(TransformerMixin, BaseEstimator):
 
 
 _SCORE_CHUNK = 1024  # training examples per scoring product
+_F32_MAX_COND = 1e5  # largest condition-number bound factorised in float32 (error ~ cond * 6e-8)
 
 
 def _solve_right(B, L):
