@@ -1039,7 +1039,6 @@ class TRAK(TransformerMixin, BaseEstimator):
         n, M, dev = self.n_train_, len(self.models_), self._device
         out = torch.zeros(n, dtype=torch.float64, device=dev)
         st = self._features
-        wide = self._product_dtype()
         for m in range(M):
             if self.solver_ == "primal":
                 # phi_i^T (L L^T)^-1 phi_i = |L^-1 phi_i|^2
