@@ -47,12 +47,32 @@ class KronRecord:
     """Per-example gradient ``sum_s d[n, s, o] a[n, s]^T`` of a weight (and bias, as a 1-column)."""
 
     key: str
-    a: torch.Tensor  # (n, L, d_in)  (a column of ones appended when the bias is included)
+    x: torch.Tensor  # (n, L, d_in - bias): the layer's input (patches for a Conv layer)
     d: torch.Tensor  # (n, L, m, d_out)
+    bias: bool = False  # whether a ones column (the bias) closes ``a``
+
+    @property
+    def a(self):
+        """The input with a column of ones appended when the bias is included, (n, L, d_in);
+        formed on first use (forming a Conv layer's gradient does not need it)."""
+        if not self.bias:
+            return self.x
+        a = self.__dict__.get("_a")
+        if a is None:
+            a = self._a = torch.cat([self.x, self.x.new_ones(*self.x.shape[:2], 1)], dim=-1)
+        return a
+
+    @property
+    def L(self):
+        return self.x.shape[1]
+
+    @property
+    def d_in(self):
+        return self.x.shape[-1] + int(self.bias)
 
     @property
     def n_params(self):
-        return self.a.shape[-1] * self.d.shape[-1]
+        return self.d_in * self.d.shape[-1]
 
     def dense(self, cache=False):
         """The per-example gradients, (n, m, d_out * d_in); the bias, if any, is the last column
@@ -64,23 +84,25 @@ class KronRecord:
         g = getattr(self, "_dense", None)
         if g is not None:
             return g
-        if self.a.shape[1] == 1:
+        if self.L == 1:
             g = self.d[:, 0, :, :, None] * self.a[:, 0, None, None, :]
-        else:
-            g = torch.einsum("nlmo,nli->nmoi", self.d, self.a)
+        else:  # sum over positions from the input itself; the bias column is the sum of d
+            g = torch.einsum("nlmo,nli->nmoi", self.d, self.x)
+            if self.bias:
+                g = torch.cat([g, self.d.sum(1)[..., None]], dim=-1)
         g = g.flatten(2)  # (n, m, d_out * d_in): W row-major with the bias as a last column
         if cache:
             self._dense = g
         return g
 
     def nbytes(self):
-        return (self.a.numel() + self.d.numel()) * self.a.element_size()
+        return (self.d.shape[0] * self.L * self.d_in + self.d.numel()) * self.d.element_size()
 
     def dense_nbytes(self):
         """Bytes of the dense gradients a kernel keeps for shared-weight layers (0 otherwise)."""
-        if self.a.shape[1] == 1:
+        if self.L == 1:
             return 0
-        return self.d.shape[0] * self.d.shape[2] * self.n_params * self.a.element_size()
+        return self.d.shape[0] * self.d.shape[2] * self.n_params * self.d.element_size()
 
 
 def _kron_to_param_order(g, key):
@@ -254,11 +276,8 @@ def _layer_records(name, mod, pnames, inp, d):
             dd = d.reshape(n, m, d.shape[2], -1).permute(0, 3, 1, 2)  # (n, L, m, C_out)
         has_w, has_b = "weight" in pnames, "bias" in pnames
         if has_w:
-            key = f"{name}.weight"
-            if has_b:
-                a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=-1)
-                key += "+bias"
-            recs.append(KronRecord(key, a, dd))
+            key = f"{name}.weight" + ("+bias" if has_b else "")
+            recs.append(KronRecord(key, a, dd, bias=has_b))
         elif has_b:
             recs.append(DenseRecord(f"{name}.bias", dd.sum(1)))
         return recs
@@ -341,7 +360,7 @@ def gram(rx, ry, mode="trace"):
     """Kernel between two record lists: (n, n') for ``mode="trace"``, (n, n', m, m) for "full"."""
     K = None
     for a, b in zip(rx, ry):
-        if isinstance(a, KronRecord) and a.a.shape[1] == 1:
+        if isinstance(a, KronRecord) and a.L == 1:
             AA = a.a[:, 0] @ b.a[:, 0].T
             if mode == "trace":
                 da, db = a.d[:, 0].flatten(1), b.d[:, 0].flatten(1)
@@ -362,7 +381,7 @@ def self_gram(rx, mode="trace"):
     """The diagonal ``K(x, x)``: (n,) for "trace", (n, m, m) for "full"."""
     K = None
     for a in rx:
-        if isinstance(a, KronRecord) and a.a.shape[1] == 1:
+        if isinstance(a, KronRecord) and a.L == 1:
             aa = (a.a[:, 0] ** 2).sum(-1)
             if mode == "trace":
                 term = aa * (a.d[:, 0] ** 2).sum((-1, -2))
@@ -393,7 +412,7 @@ def project(records, projector, out=None):
         if isinstance(r, KronRecord) and projector.kind in STRUCTURED:
             if _dense_cheaper(r):  # form the gradient, then project it
                 g = r.dense()
-                projector.project_formed(r.key, g.view(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), out)
+                projector.project_formed(r.key, g.view(*g.shape[:2], r.d.shape[-1], r.d_in), out)
             else:
                 projector.project_factored(r.key, r.a, r.d, out)
         else:
@@ -413,7 +432,7 @@ def records_shape(records):
 def _dense_cheaper(r):
     # decided from the layer's shape alone (never from k or the cache state), so that every
     # projection size and every extension of a nested projection uses the same kind of rows
-    L, d_in, d_out, m = r.a.shape[1], r.a.shape[-1], r.d.shape[-1], r.d.shape[2]
+    L, d_in, d_out, m = r.L, r.d_in, r.d.shape[-1], r.d.shape[2]
     p = d_in * d_out
     return L > 1 and p <= _HYBRID_MAX_P and m * p <= 4 * L * (d_in + m * d_out)
 
@@ -424,6 +443,6 @@ def flatten(records):
     for r in records:
         g = r.dense()
         if isinstance(r, KronRecord):
-            g = _kron_to_param_order(g.reshape(*g.shape[:2], r.d.shape[-1], r.a.shape[-1]), r.key)
+            g = _kron_to_param_order(g.reshape(*g.shape[:2], r.d.shape[-1], r.d_in), r.key)
         parts.append(g)
     return torch.cat(parts, dim=-1)
