@@ -387,6 +387,19 @@ def test_fit_transform_equals_fit_then_transform(trained, cls, projection_dim):
                                        clone(est).fit(X, fit_y).transform(X), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [TraceNTK, EmpiricalNTK])
+def test_exact_fit_kernel_mirrors_blocks(trained, cls):
+    """The exact fit-set kernel over several record chunks computes the blocks above the
+    diagonal and mirrors them: it equals fit(X).transform(X), chunk by chunk."""
+    model, X, y = trained
+    kw = {"output": "blocks"} if cls is EmpiricalNTK else {}
+    est = cls(model, batch_size=7, **kw)
+    K = est.fit_transform(X[:30])
+    np.testing.assert_allclose(K, clone(est).fit(X[:30]).transform(X[:30]), rtol=1e-5, atol=1e-6)
+    KT = K.T if K.ndim == 2 else K.transpose(1, 0, 3, 2)
+    np.testing.assert_allclose(K, KT, rtol=1e-5, atol=1e-6)
+
+
 def test_cached_cnn_features_extend_like_one_call():
     """A CNN's small conv layers use dense rows under projection="factored": features extended
     through the cache (32 rows, then 32:96) equal one featurisation at 96 rows."""

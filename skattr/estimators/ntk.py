@@ -320,11 +320,21 @@ class _GradientKernel(_BaseKernel):
                 for i0, i1 in self._chunks(F.shape[0]):
                     yield i0, i1, self._feat_gram(F[i0:i1], F), self.fit_diag_[i0:i1]
                 return
-            i0 = 0
-            for rx in self.fit_records_:
+            # symmetric: a block below the diagonal is the transpose of one computed above it
+            i0, upper = 0, {}
+            recs = self.fit_records_
+            for i, rx in enumerate(recs):
                 i1 = i0 + _grad.records_shape(rx)[0]
-                K = torch.cat([_grad.gram(rx, rf, self._mode) for rf in self.fit_records_], dim=1)
-                yield i0, i1, K, self.fit_diag_[i0:i1]
+                row = []
+                for j, rf in enumerate(recs):
+                    if j < i:
+                        B = upper.pop((j, i))
+                        row.append(B.T if self._mode == "trace" else B.permute(1, 0, 3, 2))
+                    else:
+                        row.append(_grad.gram(rx, rf, self._mode))
+                        if j > i:
+                            upper[(i, j)] = row[-1]
+                yield i0, i1, torch.cat(row, dim=1), self.fit_diag_[i0:i1]
                 i0 = i1
             return
         Xt = self.model_.to_tensor(X)
