@@ -49,7 +49,7 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.max_gram_bytes = max_gram_bytes
         self._store = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
 
@@ -60,7 +60,8 @@ class FeatureCache:
         return (FeatureCache, (self.max_bytes, self.max_gram_bytes))
 
     def clear(self):
-        self._store.clear()
+        with self._lock:
+            self._store.clear()
 
     def nbytes(self):
         """Bytes of cached features (Gram matrices not included: see :meth:`gram_nbytes`)."""
@@ -141,13 +142,28 @@ class FeatureCache:
         in order (do not modify them), a new tensor otherwise.
         """
         hashes = _row_hashes(X)
-        self._ensure(key, X, k, compute, hashes)
-        F = self.take(key, hashes, k) if gather else None
+        with self._lock:
+            self._ensure(key, X, k, compute, hashes)
+            F = self.take(key, hashes, k) if gather else None
         return (F, hashes) if return_hashes else F
 
     def take(self, key, hashes, k):
         """The cached features (n, m, k) of samples given by their hashes (see :meth:`get`)."""
         return gather_rows(*self.rows_view(key, hashes, k))
+
+    def fit_view(self, key, X, k, compute):
+        """In one locked step: cache the rows of ``X``, and return ``(hashes, view,
+        sq_norms)`` with ``view = rows_view(...)`` (see :meth:`rows_view`, :meth:`sq_norms`);
+        ``view`` is None when the rows are under half of the cached rows (a fitted estimator
+        holding views would keep much more than its own rows alive)."""
+        hashes = _row_hashes(X)
+        with self._lock:
+            self._ensure(key, X, k, compute, hashes)
+            norms = self.sq_norms(key, hashes, k)
+            view = None
+            if 2 * len(hashes) >= _n_rows(self._store[key]):
+                view = self.rows_view(key, hashes, k)
+            return hashes, view, norms
 
     def rows_view(self, key, hashes, k):
         """``(pieces, pos)``: views of the cached column blocks covering ``:k`` and the cached

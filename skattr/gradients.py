@@ -60,6 +60,7 @@ class KronRecord:
         a = self.__dict__.get("_a")
         if a is None:
             a = self._a = torch.cat([self.x, self.x.new_ones(*self.x.shape[:2], 1)], dim=-1)
+            self.x = a[..., :-1]  # one buffer for both
         return a
 
     @property

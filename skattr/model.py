@@ -193,7 +193,10 @@ class TorchModel(BaseEstimator):
             check_fitted_shape(X, self.input_shape_, name=name, estimator=type(self).__name__)
         if isinstance(X, torch.Tensor):
             return X.to(device=self.device_, dtype=self.torch_dtype_)
-        return torch.as_tensor(np.ascontiguousarray(X), dtype=self.torch_dtype_, device=self.device_)
+        X = np.ascontiguousarray(X)
+        if any(st < 0 for st in X.strides):  # e.g. a one-row reversed slice counts as contiguous
+            X = X.copy()
+        return torch.as_tensor(X, dtype=self.torch_dtype_, device=self.device_)
 
     def _materialise(self, net, X):
         # Lazy parameters are created in the model's dtype/device and initialised from

@@ -182,3 +182,20 @@ def test_projected_gradients_are_scaled_projections():
     np.testing.assert_allclose(Gp, F_[:, 0].numpy(), rtol=1e-12)
     # inner products are preserved on average: a loose sanity bound at k=32
     assert np.abs(np.linalg.norm(Gp, axis=1) / np.linalg.norm(Gfull, axis=1) - 1).max() < 0.8
+
+
+def test_kron_record_forms_the_bias_column_once():
+    """A record with a bias keeps its input once: after ``a`` (input plus a ones column) is
+    formed, ``x`` is a view of it; the formed gradient's bias column is the sum of d."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    d = torch.randn(4, 6, 2, 3, generator=g, dtype=torch.float64)
+    r = G.KronRecord("w+bias", x.clone(), d, bias=True)
+    dense_first = r.dense()  # from x and sum(d), without forming a
+    assert "_a" not in r.__dict__
+    a = r.a
+    assert a.shape == (4, 6, 6) and torch.equal(a[..., -1], torch.ones(4, 6, dtype=torch.float64))
+    assert r.x.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    ref = torch.einsum("nlmo,nli->nmoi", d, a).flatten(2)
+    torch.testing.assert_close(dense_first, ref, rtol=1e-12, atol=1e-12)
+    assert r.n_params == 18 and r.d_in == 6 and r.L == 6

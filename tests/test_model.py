@@ -290,3 +290,12 @@ def test_get_params_and_set_params():
     assert p["epochs"] == 3 and p["task"] == "classification" and p["device"] == "auto"
     model.set_params(lr=0.5)
     assert model.lr == 0.5
+
+
+def test_to_tensor_copies_negative_strides():
+    """A reversed one-row slice counts as contiguous for numpy but has a negative stride, which
+    torch cannot wrap: it is copied."""
+    X = np.arange(15, dtype=np.float32).reshape(5, 3)
+    m = TorchModel(torch.nn.Linear(3, 2))
+    np.testing.assert_array_equal(m.to_tensor(X[:1][::-1]).numpy(), X[:1])
+    np.testing.assert_array_equal(m.to_tensor(X[::-1]).numpy(), X[::-1])

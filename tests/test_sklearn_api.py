@@ -324,6 +324,47 @@ def test_lazy_fit_features_from_the_cache(trained):
         pickle.dumps(lazy)
 
 
+def test_lazy_features_only_for_a_large_part_of_the_cache(trained):
+    """Views of the cache are kept only when the fit rows are at least half of the cached rows;
+    a small fit set is gathered at fit (its views would keep far more memory alive)."""
+    model, X, y = trained
+    cache = FeatureCache()
+    TraceNTK(model, projection_dim=16, memory=cache).fit(X)  # caches every row
+    small = TraceNTK(model, projection_dim=16, memory=cache).fit(X[:10])
+    assert small._feats is not None and small._feats_src is None
+    plain = TraceNTK(model, projection_dim=16).fit(X[:10])
+    torch.testing.assert_close(small.features_, plain.features_, rtol=1e-6, atol=1e-7)
+
+
+def test_feature_cache_survives_concurrent_clear(trained):
+    """One thread clears the cache while another fits and transforms through it: no error,
+    and the kernels equal the uncached ones."""
+    import threading
+
+    model, X, y = trained
+    cache = FeatureCache()
+    ref = TraceNTK(model, projection_dim=16).fit(X[:30]).transform(X[20:50])
+    stop, errors = threading.Event(), []
+
+    def clearer():
+        while not stop.is_set():
+            cache.clear()
+
+    t = threading.Thread(target=clearer)
+    t.start()
+    try:
+        for _ in range(25):
+            try:
+                K = TraceNTK(model, projection_dim=16, memory=cache).fit(X[:30]).transform(X[20:50])
+                np.testing.assert_allclose(K, ref, rtol=1e-5, atol=1e-6)
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                errors.append(repr(exc))
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+
+
 def test_feature_cache_hit_across_clones_and_folds(trained):
     model, X, y = trained
     cache = FeatureCache()

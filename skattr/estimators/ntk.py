@@ -174,19 +174,23 @@ class _GradientKernel(_BaseKernel):
         k = int(self.projection_dim)
         if self.memory is None:
             return self._featurize(Xt, y, 0, k), None
-        key = self._cache_key()
+        rows, compute = self._cache_rows(Xt, y)
+        return self.memory.get(self._cache_key(), rows, k, compute, return_hashes=True, gather=gather)
+
+    def _cache_rows(self, Xt, y):
+        """The rows keyed in ``memory`` and the function computing their features."""
         if y is not None:  # y enters the key through the per-sample content: a last column
             rows = torch.cat([Xt.flatten(1), y[:, None].to(Xt.dtype)], 1)
 
             def compute(R, start, kk):
                 return self._featurize(R[:, :-1].reshape(-1, *Xt.shape[1:]), R[:, -1].long(), start, kk)
 
-            return self.memory.get(key, rows, k, compute, return_hashes=True, gather=gather)
+            return rows, compute
 
         def compute(R, start, kk):
             return self._featurize(R, None, start, kk)
 
-        return self.memory.get(key, Xt, k, compute, return_hashes=True, gather=gather)
+        return Xt, compute
 
     def _cached_gram(self, hx):
         """``(K(X, X_fit), K(X, X))`` unnormalised, from ``memory``'s Gram, or ``None``."""
@@ -237,11 +241,14 @@ class _GradientKernel(_BaseKernel):
         elif self.memory is not None and self._mode == "trace":
             # the cached Gram serves every kernel of the fit set: gather its features only
             # when something needs them (transforming samples whose Gram is not cached)
-            _, self._fit_hashes = self._features(Xt, yt, gather=False)
-            k, key = int(self.projection_dim), self._cache_key()
+            k = int(self.projection_dim)
+            rows, compute = self._cache_rows(Xt, yt)
+            self._fit_hashes, view, norms = self.memory.fit_view(self._cache_key(), rows, k, compute)
             # views of the cached blocks (not copies): valid whatever later happens to memory
-            self._feats, self._feats_src = None, self.memory.rows_view(key, self._fit_hashes, k)
-            self.fit_diag_ = self.memory.sq_norms(key, self._fit_hashes, k) / k
+            self._feats, self._feats_src = None, view
+            if view is None:  # a small part of the cache: gather now
+                self._feats = self._scale(self.memory.take(self._cache_key(), self._fit_hashes, k))
+            self.fit_diag_ = norms / k
         else:
             F, self._fit_hashes = self._features(Xt, yt)
             self._feats, self._feats_src = self._scale(F), None
@@ -255,13 +262,14 @@ class _GradientKernel(_BaseKernel):
         with a ``memory`` they are gathered from it on first use."""
         if "_feats" not in self.__dict__:
             raise AttributeError(f"{type(self).__name__} has no features_ (not fitted, or exact).")
-        if self._feats is None:
-            F = gather_rows(*self._feats_src)
+        feats, src = self._feats, self.__dict__.get("_feats_src")
+        if feats is None and src is not None:
+            F = gather_rows(*src)
             k = F.shape[-1]
             # a view of the cache is copied by the division, a gathered tensor divided in place
-            self._feats = F / math.sqrt(k) if F._is_view() else F.div_(math.sqrt(k))
-            self._feats_src = None
-        return self._feats
+            feats = F / math.sqrt(k) if F._is_view() else F.div_(math.sqrt(k))
+            self._feats, self._feats_src = feats, None
+        return self._feats if feats is None else feats
 
     def __getstate__(self):
         if self.__dict__.get("_feats", 0) is None:
@@ -347,7 +355,10 @@ class _GradientKernel(_BaseKernel):
                 yield 0, Xt.shape[0], cached[0], cached[1]
                 return
             if F is None:
-                F = self.memory.take(self._cache_key(), hx, int(self.projection_dim))
+                try:
+                    F = self.memory.take(self._cache_key(), hx, int(self.projection_dim))
+                except KeyError:  # the cache was cleared meanwhile: compute them
+                    F, _ = self._features(Xt, yt)
             F = self._scale(F)
             for i0, i1 in self._chunks(Xt.shape[0]):
                 A = F[i0:i1]

@@ -867,7 +867,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         blocks are summed.
         """
         st, n, k = self._features, self.n_train_, self.feature_dim_
-        name = f"m{m:03d}_gram_{self.solver_}"
+        name = f"m{m:03d}_gram_{self.solver_}_upper"
         shape = (k, k) if self.solver_ == "primal" else (n, n)
         U = st.load_array(name, mmap=False)  # stored as its upper triangle
         if U is not None and U.shape == shape:
