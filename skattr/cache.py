@@ -96,8 +96,7 @@ class FeatureCache:
             if k not in grams and self.gram_nbytes() + N * N * isz > (self.max_gram_bytes or 0):
                 return None
             G = self._gram_at(e, k)
-            ix = torch.as_tensor([idx[h] for h in hx], device=G.device)
-            jf = torch.as_tensor([idx[h] for h in hf], device=G.device)
+            ix, jf = _positions(e, hx, G.device), _positions(e, hf, G.device)
             return G.index_select(0, ix).index_select(1, jf), G.diagonal()[ix]
 
     def sq_norms(self, key, hashes, k):
@@ -105,15 +104,18 @@ class FeatureCache:
         (the trace Gram's diagonal), kept per projection size for every cached sample."""
         with self._lock:
             e = self._store[key]
-            norms = e.setdefault("norms", {})
-            N = _n_rows(e)
-            have = norms.get(k)
-            if have is None or have.shape[0] < N:
-                n0 = 0 if have is None else have.shape[0]
-                new = sum(torch.linalg.vector_norm(P[n0:], dim=(1, 2)) ** 2 for P in _pieces(e, 0, k))
-                norms[k] = new if have is None else torch.cat([have, new])
-            ix = torch.as_tensor([e["index"][h] for h in hashes], device=norms[k].device)
-            return norms[k].index_select(0, ix)
+            norms = self._norms_at(e, k)
+            return norms[_positions(e, hashes, norms.device)]
+
+    def _norms_at(self, e, k):
+        """Squared norms at size k of every cached row (extended to new rows as needed)."""
+        norms = e.setdefault("norms", {})
+        have = norms.get(k)
+        n0 = 0 if have is None else have.shape[0]
+        if n0 < _n_rows(e):
+            new = sum(torch.linalg.vector_norm(P[n0:], dim=(1, 2)) ** 2 for P in _pieces(e, 0, k))
+            norms[k] = new if have is None else torch.cat([have, new])
+        return norms[k]
 
     def _gram_at(self, e, k):
         """The Gram at size k over all cached rows (extended to new rows as needed)."""
@@ -152,18 +154,18 @@ class FeatureCache:
         return gather_rows(*self.rows_view(key, hashes, k))
 
     def fit_view(self, key, X, k, compute):
-        """In one locked step: cache the rows of ``X``, and return ``(hashes, view,
-        sq_norms)`` with ``view = rows_view(...)`` (see :meth:`rows_view`, :meth:`sq_norms`);
-        ``view`` is None when the rows are under half of the cached rows (a fitted estimator
-        holding views would keep much more than its own rows alive)."""
+        """In one locked step: cache the rows of ``X`` and return ``(hashes, view, sq_norms,
+        keep)``: ``view`` as from :meth:`rows_view`, the rows' squared norms (see
+        :meth:`sq_norms`), and whether the view is worth keeping instead of gathering it now
+        (the rows are at least half of the cached rows: a view keeps its blocks alive)."""
         hashes = _row_hashes(X)
         with self._lock:
             self._ensure(key, X, k, compute, hashes)
-            norms = self.sq_norms(key, hashes, k)
-            view = None
-            if 2 * len(hashes) >= _n_rows(self._store[key]):
-                view = self.rows_view(key, hashes, k)
-            return hashes, view, norms
+            e = self._store[key]
+            pieces, pos = view = self._view(e, hashes, k)
+            norms = self._norms_at(e, k)
+            norms = norms if pos is None else norms[pos]
+            return hashes, view, norms, 2 * len(hashes) >= _n_rows(e)
 
     def rows_view(self, key, hashes, k):
         """``(pieces, pos)``: views of the cached column blocks covering ``:k`` and the cached
@@ -171,12 +173,15 @@ class FeatureCache:
         views stay valid after :meth:`clear` (they keep their blocks alive);
         :func:`gather_rows` turns them into features."""
         with self._lock:
-            e = self._store[key]
-            pos = [e["index"][h] for h in hashes]
-            pieces = list(_pieces(e, 0, k))
-            if pos == list(range(_n_rows(e))):
-                return pieces, None
-            return pieces, torch.as_tensor(pos, device=pieces[0].device)
+            return self._view(self._store[key], hashes, k)
+
+    @staticmethod
+    def _view(e, hashes, k):
+        pieces = list(_pieces(e, 0, k))
+        pos = [e["index"][h] for h in hashes]
+        if pos == list(range(_n_rows(e))):
+            return pieces, None
+        return pieces, torch.as_tensor(pos, device=pieces[0].device)
 
     def _ensure(self, key, X, k, compute, hashes):
         with self._lock:
@@ -205,10 +210,9 @@ class FeatureCache:
                 if not e["blocks"]:
                     e["blocks"], e["rows"] = [(0, kk, newF)], sel
                 else:
+                    # (cached rows were extended to k above, so the blocks cover every column)
                     e["blocks"] = [(c0, c1, torch.cat([b, newF[..., c0:c1].to(b.device)]))
                                    for c0, c1, b in e["blocks"]]
-                    if kk > e["k"]:
-                        e["blocks"].append((e["k"], kk, newF[..., e["k"]:kk]))
                     e["rows"] = _concat(e["rows"], sel)
                 e["k"] = kk
                 if self.max_bytes is not None and self.nbytes() > self.max_bytes:
@@ -225,6 +229,10 @@ def gather_rows(pieces, pos):
     if pos is not None:
         pieces = [P.index_select(0, pos) for P in pieces]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+
+def _positions(e, hashes, device):
+    return torch.as_tensor([e["index"][h] for h in hashes], device=device)
 
 
 def _n_rows(e):

@@ -23,7 +23,7 @@ from .._linalg import sym_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..cache import FeatureCache, gather_rows
 from ..model import TorchModel
-from ..projection import KINDS, Projector, scale_features
+from ..projection import KINDS, Projector
 
 __all__ = ["TraceNTK", "PseudoNTK", "EmpiricalNTK", "GradCosKernel", "EmbeddingKernel"]
 
@@ -243,11 +243,10 @@ class _GradientKernel(_BaseKernel):
             # when something needs them (transforming samples whose Gram is not cached)
             k = int(self.projection_dim)
             rows, compute = self._cache_rows(Xt, yt)
-            self._fit_hashes, view, norms = self.memory.fit_view(self._cache_key(), rows, k, compute)
-            # views of the cached blocks (not copies): valid whatever later happens to memory
-            self._feats, self._feats_src = None, view
-            if view is None:  # a small part of the cache: gather now
-                self._feats = self._scale(self.memory.take(self._cache_key(), self._fit_hashes, k))
+            self._fit_hashes, view, norms, keep = self.memory.fit_view(self._cache_key(), rows, k, compute)
+            # views of the cached blocks (not copies): valid whatever later happens to memory;
+            # a small part of the cache is gathered now rather than keeping its blocks alive
+            self._feats, self._feats_src = (None, view) if keep else (self._scale(gather_rows(*view)), None)
             self.fit_diag_ = norms / k
         else:
             F, self._fit_hashes = self._features(Xt, yt)
@@ -264,10 +263,7 @@ class _GradientKernel(_BaseKernel):
             raise AttributeError(f"{type(self).__name__} has no features_ (not fitted, or exact).")
         feats, src = self._feats, self.__dict__.get("_feats_src")
         if feats is None and src is not None:
-            F = gather_rows(*src)
-            k = F.shape[-1]
-            # a view of the cache is copied by the division, a gathered tensor divided in place
-            feats = F / math.sqrt(k) if F._is_view() else F.div_(math.sqrt(k))
+            feats = self._scale(gather_rows(*src))
             self._feats, self._feats_src = feats, None
         return self._feats if feats is None else feats
 
@@ -291,14 +287,13 @@ class _GradientKernel(_BaseKernel):
             hint="Use projection_dim=k to store k projected features per output instead.",
         )
 
-    def _scale(self, F):
-        """Features divided by sqrt(k): in place when ``F`` is this call's own tensor (computed,
-        or gathered from ``memory``), instead of a fresh (n, m, k) copy; a view of the cache is
-        copied."""
-        k = int(self.projection_dim)
-        if F.shape[-1] == k and not F._is_view():
-            return F.div_(math.sqrt(k))
-        return scale_features(F, k)
+    @staticmethod
+    def _scale(F):
+        """Unscaled features (n, m, k) divided by sqrt(k): in place when ``F`` is this call's
+        own tensor (computed, or gathered from ``memory``), instead of a fresh copy; a view of
+        the cache is copied."""
+        k = F.shape[-1]
+        return F / math.sqrt(k) if F._is_view() else F.div_(math.sqrt(k))
 
     def _feat_self(self, F):
         if self._mode == "trace":  # sum of squares without an (n, m, k) temporary
