@@ -55,7 +55,7 @@ from .. import gradients as _grad
 from .._linalg import upper_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..model import TorchModel
-from ..projection import KINDS, Projector, scale_features
+from ..projection import KINDS, Projector
 from ..store import BlockLayout, FeatureStore, config_key
 
 __all__ = [
@@ -681,8 +681,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             out = (np.empty((rows, k), dtype=member.dtype), np.empty(rows, dtype=member.dtype))
         F_out, q_out = out
         # on the CPU the projection accumulates straight into the output rows
-        direct = member.device_.type == "cpu" and self.projection_dim is not None
-        Ft = torch.from_numpy(F_out) if direct else None
+        Ft = torch.from_numpy(F_out) if member.device_.type == "cpu" else None
         proj = None if self.projection_dim is None else self._projector(member, j)
         scale = 1.0 / math.sqrt(k)
         Xt = member.to_tensor(X[r0:r1])  # validated and converted once
@@ -692,16 +691,16 @@ class TRAK(TransformerMixin, BaseEstimator):
             yb = None if y_enc is None else y_enc[i0:i1]
             outs = {}
             recs = self._records(member, net, xb, yb, outputs=outs)
-            if self.projection_dim is None:
+            if proj is None:
                 F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
-            elif direct:
-                o = Ft[i0 - r0 : i1 - r0]
+            else:
+                o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
+                    i1 - i0, k, dtype=proj.dtype, device=proj.device)
                 o.zero_()
                 _grad.project(recs, proj, out=o[:, None, :])
                 o.mul_(scale)
-            else:
-                F = scale_features(_grad.project(recs, proj), k)[:, 0]
-                F_out[i0 - r0 : i1 - r0] = F.detach().cpu().numpy()
+                if Ft is None:
+                    F_out[i0 - r0 : i1 - r0] = o.cpu().numpy()
             with torch.no_grad():
                 z = outs["logits"]  # from the gradients' own forward pass
                 q = self.output_.q(z, yb if yb is not None else torch.zeros(len(xb), dtype=torch.long, device=z.device))
@@ -925,7 +924,8 @@ class TRAK(TransformerMixin, BaseEstimator):
         self.q_ = self.q_models_.mean(0)
 
     def _cholesky(self, A, m, lam, dtype=torch.float64):
-        """Lower Cholesky factor of the float64 system ``A``, with clear errors when singular.
+        """Lower Cholesky factor of the system ``A`` (its lower triangle is read), with clear
+        errors when singular.
 
         ``dtype=float32`` (float32 features, ridge > 0, condition number at most
         ``_F32_MAX_COND``) factorises in float32: ``A`` holds sums of float32 products, so it
@@ -1001,10 +1001,11 @@ class TRAK(TransformerMixin, BaseEstimator):
         st = self._features
         wide = self._product_dtype()
         S = torch.empty(t, n, dtype=torch.float64, device=dev)
-        # products land in one reused buffer of column chunks and are accumulated into S
-        # (float64): no zero-filled or converted (t, n) temporaries
-        chunk = min(n, _SCORE_CHUNK)
-        buf = torch.empty(t * chunk, dtype=wide, device=dev)
+        if self.solver_ == "primal":
+            # products land in one reused buffer of column chunks and are accumulated into S
+            # (float64): no zero-filled or converted (t, n) temporaries
+            chunk = min(n, _SCORE_CHUNK)
+            buf = torch.empty(t * chunk, dtype=wide, device=dev)
         for m in _progress(range(M), M, self.verbose, "TRAK: scoring"):
             G, _ = self._featurize_rows(m, X, y_enc[m], 0, t)
             G = self._block(G, wide)  # (t, k)
