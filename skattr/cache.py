@@ -99,16 +99,9 @@ class FeatureCache:
             ix, jf = _positions(e, hx, G.device), _positions(e, hf, G.device)
             return G.index_select(0, ix).index_select(1, jf), G.diagonal()[ix]
 
-    def sq_norms(self, key, hashes, k):
-        """Unscaled squared norms ``|F[i, :, :k]|^2`` of cached samples given by their hashes
-        (the trace Gram's diagonal), kept per projection size for every cached sample."""
-        with self._lock:
-            e = self._store[key]
-            norms = self._norms_at(e, k)
-            return norms[_positions(e, hashes, norms.device)]
-
     def _norms_at(self, e, k):
-        """Squared norms at size k of every cached row (extended to new rows as needed)."""
+        """Unscaled squared norms ``|F[i, :, :k]|^2`` (the trace Gram's diagonal) of every cached
+        row, kept per size and extended to new rows as needed."""
         norms = e.setdefault("norms", {})
         have = norms.get(k)
         n0 = 0 if have is None else have.shape[0]
@@ -154,9 +147,9 @@ class FeatureCache:
         return gather_rows(*self.rows_view(key, hashes, k))
 
     def fit_view(self, key, X, k, compute):
-        """In one locked step: cache the rows of ``X`` and return ``(hashes, view, sq_norms,
-        keep)``: ``view`` as from :meth:`rows_view`, the rows' squared norms (see
-        :meth:`sq_norms`), and whether the view is worth keeping instead of gathering it now
+        """In one locked step: cache the rows of ``X`` and return ``(hashes, view, norms,
+        keep)``: ``view`` as from :meth:`rows_view`, the rows' unscaled squared feature norms
+        (the trace Gram's diagonal), and whether the view is worth keeping instead of gathering it now
         (the rows are at least half of the cached rows: a view keeps its blocks alive)."""
         hashes = _row_hashes(X)
         with self._lock:
