@@ -148,10 +148,10 @@ def run_devinterp(model, X, y, Xp, yp, *, n_chains, n_draws, eps, gamma, nbeta, 
 
 def run_skattr(model, X, y, Xp, yp, *, n_chains, n_draws, eps, gamma, nbeta, batch_size):
     Xt = torch.as_tensor(X)
-    post = LocalPosterior(model, Xt, model._encode_y(y, len(y)))
+    post = LocalPosterior(model, Xt, model.encode_y(y, len(y)))
     s = SGLDSettings(step_size=eps, localization=gamma, nbeta=nbeta, n_draws=n_draws, burn_in=0,
                      thin=1, batch_size=batch_size)
-    probe = (torch.as_tensor(Xp), model._encode_y(yp, len(yp)))
+    probe = (torch.as_tensor(Xp), model.encode_y(yp, len(yp)))
     res = sample(post, s, chain_seeds(0, n_chains), probes=[probe],
                  make_observer=lambda: StreamingMoments(len(Xp)), n_jobs=1)
     return res.observer.covariance(), res.n_draws_used

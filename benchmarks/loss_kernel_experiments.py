@@ -89,7 +89,7 @@ def closed_form(args):
                             keep=None, random_state=seed).fit(X, y)
             errs.append(np.linalg.norm(lk.kernel_ - K_true) / np.linalg.norm(K_true))
         rows.append([seed] + errs)
-        post = LocalPosterior(model, torch.as_tensor(X), model._encode_y(y, n))
+        post = LocalPosterior(model, torch.as_tensor(X), model.encode_y(y, n))
         s = SGLDSettings(step_size=eps, localization=gamma, nbeta=nbeta, n_draws=draws_list[-1],
                          burn_in=50, thin=1, batch_size=n)
         W = np.vstack([run_chain(post, s, c, keep_draws=True).draws

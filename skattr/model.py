@@ -160,8 +160,14 @@ class TorchModel(BaseEstimator):
         # A wrapped module is usable as is; lazy modules need a first input.
         return hasattr(self, "module_") or not _has_lazy(self.module)
 
-    def _network(self):
-        """The module to evaluate: the fitted copy, else the wrapped module, on device/dtype."""
+    # ------------------------------------------------------------------ public interface
+    # What skattr's methods need of the network; nothing outside this module touches the
+    # wrapper's private state.
+    def network(self):
+        """The ``nn.Module`` to evaluate, in eval mode on the model's device and dtype.
+
+        The fitted copy ``module_`` after :meth:`fit`, else the wrapped ``module``.
+        """
         net = self.module_ if hasattr(self, "module_") else self.module
         if not isinstance(net, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(net).__name__}.")
@@ -207,7 +213,11 @@ class TorchModel(BaseEstimator):
                 torch.manual_seed(seed_from_random_state(self.random_state))
                 net.eval()(X[:1].to(device=self.device_, dtype=self.torch_dtype_))
 
-    def _encode_y(self, y, n):
+    def encode_y(self, y, n):
+        """Targets as the tensor the loss takes: class indices (long) or float outputs (n, m).
+
+        Raises a ``ValueError`` naming the labels that are not among the model's classes.
+        """
         y = np.asarray(y)
         if y.shape[0] != n:
             raise ValueError(f"X and y have inconsistent numbers of samples: {n} and {y.shape[0]}.")
@@ -232,8 +242,9 @@ class TorchModel(BaseEstimator):
         return torch.as_tensor(idx, dtype=torch.long, device=self.device_)
 
     # ------------------------------------------------------------------ losses
-    def _loss_fn(self, z, y):
-        """Per-example loss of logits ``z`` (n, C) against encoded targets ``y``."""
+    def loss_fn(self, z, y):
+        """Per-example training loss (n,) of outputs ``z`` (n, C) against encoded targets ``y``
+        (cross-entropy, binary cross-entropy for one logit, half squared error for regression)."""
         if self.task == "regression":
             return 0.5 * ((z - y.reshape(z.shape)) ** 2).sum(-1)
         if z.shape[-1] == 1:
@@ -292,13 +303,13 @@ class TorchModel(BaseEstimator):
             if self._n_outputs > 1 and len(self.classes_) < self._n_outputs:
                 # labels are indices into the logits
                 self.classes_ = np.arange(self._n_outputs)
-        yt = self._encode_y(y, Xt.shape[0])
+        yt = self.encode_y(y, Xt.shape[0])
         self.callbacks_ = copy_callbacks(self.callbacks)
         self.history_ = train_module(
             net,
             Xt,
             yt,
-            self._loss_fn,
+            self.loss_fn,
             epochs=int(self.epochs),
             batch_size=int(self.batch_size),
             lr=float(self.lr),
@@ -320,13 +331,14 @@ class TorchModel(BaseEstimator):
         for i in range(0, Xt.shape[0], bs):
             yield i, Xt[i : i + bs]
 
-    def _ready(self, X):
-        """(network, tensor) for inference, with validation and lazy materialisation."""
+    def prepare(self, X):
+        """``(network, tensor)`` for inference: ``X`` validated and converted, lazy modules
+        materialised, the number of outputs known."""
         Xt = self.to_tensor(X)
-        net = self._network()
+        net = self.network()
         if _has_lazy(net):
             self._materialise(net, Xt)
-            net = self._network()
+            net = self.network()
         self._check_trainable(net)
         if not hasattr(self, "_n_outputs"):
             with torch.no_grad():
@@ -337,7 +349,7 @@ class TorchModel(BaseEstimator):
     @torch.no_grad()
     def logits(self, X):
         """Raw network outputs as a tensor (n, C) on the model's device."""
-        net, Xt = self._ready(X)
+        net, Xt = self.prepare(X)
         out = []
         for _, xb in self._batches(Xt):
             z = net(xb)
@@ -359,7 +371,9 @@ class TorchModel(BaseEstimator):
             return torch.stack([1 - p, p], 1).cpu().numpy()
         return torch.softmax(z, dim=1).cpu().numpy()
 
-    def _classes(self):
+    def class_labels(self):
+        """The class labels, in the order of the network's outputs (``classes_`` after
+        :meth:`fit`, else ``0 .. C-1``)."""
         if hasattr(self, "classes_"):
             return self.classes_
         return np.arange(self.n_outputs_ if self.n_outputs_ > 1 else 2)
@@ -371,7 +385,7 @@ class TorchModel(BaseEstimator):
             z = z.cpu().numpy()
             return z[:, 0] if z.shape[1] == 1 else z
         idx = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
-        return self._classes()[idx.cpu().numpy()]
+        return self.class_labels()[idx.cpu().numpy()]
 
     def score(self, X, y):
         """Accuracy (classification) or R^2 (regression)."""
@@ -381,19 +395,19 @@ class TorchModel(BaseEstimator):
 
     def per_example_loss(self, X, y):
         """Loss of each example, (n,)."""
-        net, Xt = self._ready(X)
-        yt = self._encode_y(y, Xt.shape[0])
+        net, Xt = self.prepare(X)
+        yt = self.encode_y(y, Xt.shape[0])
         out = []
         with torch.no_grad():
             for i, xb in self._batches(Xt):
                 z = net(xb)
                 z = z[:, None] if z.ndim == 1 else z
-                out.append(self._loss_fn(z, yt[i : i + len(xb)]))
+                out.append(self.loss_fn(z, yt[i : i + len(xb)]))
         return torch.cat(out).cpu().numpy()
 
     def activations(self, X, layer):
         """Output of the submodule named ``layer`` (see ``module.named_modules()``), (n, ...)."""
-        net, Xt = self._ready(X)
+        net, Xt = self.prepare(X)
         mods = dict(net.named_modules())
         if layer not in mods:
             raise ValueError(
@@ -411,7 +425,7 @@ class TorchModel(BaseEstimator):
 
     def embedding_layer(self):
         """Name of the module whose output feeds the last Linear layer (the penultimate layer)."""
-        net = self._network()
+        net = self.network()
         names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
         if not names:
             raise ValueError("The module has no nn.Linear layer; pass layer= explicitly.")
@@ -419,7 +433,7 @@ class TorchModel(BaseEstimator):
 
     def embeddings(self, X, layer=None, batch_size=None):
         """Inputs of the last Linear layer (or of ``layer``), flattened: a tensor (n, d)."""
-        net, Xt = self._ready(X)
+        net, Xt = self.prepare(X)
         layer = layer or self.embedding_layer()
         mods = dict(net.named_modules())
         if layer not in mods:
@@ -441,13 +455,13 @@ class TorchModel(BaseEstimator):
         ``output`` is "logits" (one gradient per class), "sum_logits", "loss", "margin" (TRAK's
         classification margin) or a callable ``(logits, y) -> (n,) or (n, m)``.
         """
-        net, Xt = self._ready(X)
+        net, Xt = self.prepare(X)
         self._check_trainable(net)
         if isinstance(output, str) and output not in _grad.OUTPUTS:
             raise ValueError(f"output must be one of {list(_grad.OUTPUTS)} or a callable.")
         yt = None
         if y is not None:
-            yt = self._encode_y(y, Xt.shape[0])
+            yt = self.encode_y(y, Xt.shape[0])
         elif output == "loss" and self.task == "regression":
             raise ValueError("Gradients of the loss of a regression model need the targets y.")
         elif output in ("loss", "margin") and self.task == "classification":
@@ -455,7 +469,7 @@ class TorchModel(BaseEstimator):
         for i, xb in self._batches(Xt, batch_size):
             yb = None if yt is None else yt[i : i + len(xb)]
             yield i, _grad.compute_records(
-                net, xb, output=output, y=yb, loss=self._loss_fn, prefixes=self.prefixes_, method=method
+                net, xb, output=output, y=yb, loss=self.loss_fn, prefixes=self.prefixes_, method=method
             )
 
     def per_example_gradients(
@@ -488,7 +502,7 @@ class TorchModel(BaseEstimator):
 
     def fingerprint(self):
         """A hash of the architecture, weights, selected parameters and dtype (for caches)."""
-        net = self._network()
+        net = self.network()
         h = hashlib.blake2b(digest_size=16)
         h.update(repr(net).encode())
         h.update(repr((self.prefixes_, self.dtype, self.task)).encode())

@@ -119,12 +119,12 @@ class LocalPosterior:
         are sampled (the others stay at their trained values).
     X, y_encoded : tensors on the model's device
         The data whose mean loss ``L_n`` defines the posterior (``y_encoded`` as returned by
-        ``model._encode_y``).
+        ``model.encode_y``).
     """
 
     def __init__(self, model, X, y_encoded):
         self.model = model
-        self.net = model._network()
+        self.net = model.network()
         prefixes = model.prefixes_
         self.names = [
             n for n, p in self.net.named_parameters()
@@ -155,7 +155,7 @@ class LocalPosterior:
     def _loss(self, net, xb, yb):
         z = net(xb)
         z = z[:, None] if z.ndim == 1 else z
-        return self.model._loss_fn(z, yb)
+        return self.model.loss_fn(z, yb)
 
     @torch.no_grad()
     def per_example_losses(self, net, X, y):
@@ -170,7 +170,7 @@ class LocalPosterior:
             z = net(X[i : i + bs])
             z = (z[:, None] if z.ndim == 1 else z).double()
             yb = y[i : i + bs]
-            out.append(self.model._loss_fn(z, yb.double() if yb.is_floating_point() else yb))
+            out.append(self.model.loss_fn(z, yb.double() if yb.is_floating_point() else yb))
         return torch.cat(out)
 
     @torch.no_grad()

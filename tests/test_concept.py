@@ -61,7 +61,7 @@ def test_probe_output_is_the_probe_logit(digits, model):
     probe = ConceptProbe(model, layers=["1", "3"]).fit(X, c)
     for layer in ("1", "3"):
         out = probe.output_function(layer)
-        net = out.network(model._network())
+        net = out.network(model.network())
         with torch.no_grad():
             z = net(torch.as_tensor(X[:20]))[:, 0].numpy()
         np.testing.assert_allclose(z, probe.decision_function(X[:20], layer), rtol=1e-9, atol=1e-9)

@@ -177,7 +177,7 @@ def test_projected_gradients_are_scaled_projections():
     Gp = model.per_example_gradients(X, y, projection_dim=32, projection="gaussian", random_state=7)
     assert Gp.shape == (4, 32)
     recs = G.compute_records(net, torch.as_tensor(X), output="loss", y=torch.as_tensor(y),
-                             loss=model._loss_fn)
+                             loss=model.loss_fn)
     F_ = scale_features(G.project(recs, Projector("gaussian", 32, seed=7, dtype=torch.float64)), 32)
     np.testing.assert_allclose(Gp, F_[:, 0].numpy(), rtol=1e-12)
     # inner products are preserved on average: a loose sanity bound at k=32

@@ -87,7 +87,7 @@ def test_sampler_stationary_law_matches_quadratic_target():
     # discretised chain, so no O(eps) bias enters the comparison
     nbeta, gamma, eps = 20.0, 5.0, 0.05
     mu, Sigma = _ula_gaussian(X, y, w_star, nbeta, gamma, eps)
-    post = LocalPosterior(model, torch.as_tensor(X), model._encode_y(y, len(y)))
+    post = LocalPosterior(model, torch.as_tensor(X), model.encode_y(y, len(y)))
     s = SGLDSettings(step_size=eps, localization=gamma, nbeta=nbeta, n_draws=1000, burn_in=50,
                      thin=1, batch_size=len(X)).validate()
     draws = np.vstack([
@@ -251,7 +251,7 @@ def test_chain_far_above_start_warns_but_is_kept():
 
 def test_some_chains_diverging_are_dropped():
     X, y, model = _classifier()
-    post = LocalPosterior(model, model.to_tensor(X), model._encode_y(y, len(y)))
+    post = LocalPosterior(model, model.to_tensor(X), model.encode_y(y, len(y)))
     s = SGLDSettings(step_size=5.0, localization=0.0, nbeta=1e6, n_draws=5, burn_in=2,
                      batch_size=16)
     r = run_chain(post, s, 0, probes=[(post.X, post.y)])
@@ -263,7 +263,7 @@ def test_failed_chain_is_removed_from_the_shared_accumulator(monkeypatch):
     from skattr import sampling
 
     X, y, model = _classifier()
-    post = LocalPosterior(model, model.to_tensor(X), model._encode_y(y, len(y)))
+    post = LocalPosterior(model, model.to_tensor(X), model.encode_y(y, len(y)))
     s = SGLDSettings(step_size=1e-3, localization=100.0, nbeta=10.0, n_draws=20, burn_in=5,
                      batch_size=16)
     seeds = chain_seeds(0, 3)

@@ -152,7 +152,7 @@ class ProbeOutput(ModelOutput):
         return 1.0 - torch.sigmoid(self(z, y))
 
     def check(self, model):
-        mods = dict(model._network().named_modules())
+        mods = dict(model.network().named_modules())
         if self.layer not in mods:
             raise ValueError(f"The probe's layer {self.layer!r} is not a submodule of the model.")
 
@@ -282,8 +282,8 @@ class ConceptProbe(BaseEstimator):
         c = _concept_labels(concept, X.shape[0])
         if len(np.unique(c)) < 2:
             raise ValueError("concept has a single value; a probe needs both concept labels.")
-        self.model._ready(X[:1])
-        net = self.model._network()
+        self.model.prepare(X[:1])
+        net = self.model.network()
         self.layers_ = list(self.layers) if self.layers is not None else default_layers(net)
         mods = dict(net.named_modules())
         bad = [layer for layer in self.layers_ if layer not in mods]

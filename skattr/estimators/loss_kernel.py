@@ -219,11 +219,11 @@ class LossKernel(TransformerMixin, BaseEstimator):
                     f"{model.n_outputs_} value(s) per sample."
                 )
         try:
-            return model._encode_y(y, n)
+            return model.encode_y(y, n)
         except TypeError as e:  # e.g. string labels against integer classes
             raise ValueError(
                 f"{name} has labels of dtype {y.dtype} that cannot be matched to the model's "
-                f"classes {model._classes().tolist()[:20]}: {e}"
+                f"classes {model.class_labels().tolist()[:20]}: {e}"
             ) from e
 
     def _settings(self, n_sample):
@@ -270,7 +270,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
         self.n_features_in_ = int(X.shape[1])
         self.input_shape_ = tuple(X.shape[1:])
         self.model_ = copy.deepcopy(self.model)
-        self.model_._ready(X[:1])
+        self.model_.prepare(X[:1])
         Xt = self.model_.to_tensor(X)
         yt = self._labels(self.model_, Xt, y)
         if X_sample is None:

@@ -76,7 +76,7 @@ class _BaseKernel(TransformerMixin, BaseEstimator):
     def _fit_model(self, X):
         # A private copy: later changes to the user's model cannot silently change this kernel.
         self.model_ = copy.deepcopy(self.model)
-        self.model_._ready(X[:1])
+        self.model_.prepare(X[:1])
 
     def _chunks(self, n):
         bs = int(self.batch_size or self.model_.batch_size_eval)
@@ -136,11 +136,11 @@ class _GradientKernel(_BaseKernel):
 
     def _records(self, Xt, y):
         return _grad.compute_records(
-            self.model_._network(),
+            self.model_.network(),
             Xt,
             output=self._output,
             y=y,
-            loss=self.model_._loss_fn,
+            loss=self.model_.loss_fn,
             prefixes=self.model_.prefixes_,
             method=self.method,
         )
@@ -611,7 +611,7 @@ class GradCosKernel(TraceNTK):
         if y is None:
             z = model.logits(Xt)
             return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
-        return model._encode_y(np.asarray(y), Xt.shape[0])
+        return model.encode_y(np.asarray(y), Xt.shape[0])
 
 
 class EmbeddingKernel(_BaseKernel):

@@ -128,7 +128,7 @@ class ModelOutput:
         """Raise if the output does not apply to ``model``."""
 
     def encode_y(self, model, y, n):
-        return model._encode_y(np.asarray(y), n)
+        return model.encode_y(np.asarray(y), n)
 
     def predict_y(self, model, zs):
         """Encoded targets for samples without labels, from the members' outputs ``zs``."""
@@ -200,7 +200,7 @@ class LogitOutput(ModelOutput):
 
     def check(self, model):
         if model.task == "classification" and self.cls is not None:
-            classes = model._classes()
+            classes = model.class_labels()
             pos = np.flatnonzero(classes == self.cls)
             if len(pos) != 1:
                 raise ValueError(
@@ -305,10 +305,10 @@ def output_values(model, X, y=None, output="margin", batch_size=None):
     attributes.
     """
     out = make_output(output)
-    model._ready(X[:1] if not isinstance(X, torch.Tensor) else X[:1])
+    model.prepare(X[:1] if not isinstance(X, torch.Tensor) else X[:1])
     out.check(model)
     Xt = model.to_tensor(X)
-    net = out.network(model._network())
+    net = out.network(model.network())
     bs = int(batch_size or model.batch_size_eval)
     zs = []
     for i in range(0, Xt.shape[0], bs):
@@ -568,13 +568,13 @@ class TRAK(TransformerMixin, BaseEstimator):
 
     def _check_members(self, members, X):
         ref = members[0]
-        ref_net = ref._network()
+        ref_net = ref.network()
         ref_shapes = [(n, tuple(p.shape)) for n, p in ref_net.named_parameters()]
         for i, m in enumerate(members[1:], 1):
             what = f"Ensemble member models[{i}] does not match models[0]"
             if m.task != ref.task:
                 raise ValueError(f"{what}: task {m.task!r} vs {ref.task!r}.")
-            shapes = [(n, tuple(p.shape)) for n, p in m._network().named_parameters()]
+            shapes = [(n, tuple(p.shape)) for n, p in m.network().named_parameters()]
             if shapes != ref_shapes:
                 da, db = dict(shapes), dict(ref_shapes)
                 diff = [k for k in dict.fromkeys(list(da) + list(db)) if da.get(k) != db.get(k)]
@@ -586,7 +586,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             if m.prefixes_ != ref.prefixes_ or m.dtype != ref.dtype:
                 raise ValueError(f"{what}: params/dtype differ ({m.params!r}, {m.dtype!r}).")
             if ref.task == "classification":
-                ca, cb = m._classes(), ref._classes()
+                ca, cb = m.class_labels(), ref.class_labels()
                 if len(ca) != len(cb) or np.any(ca != cb):
                     raise ValueError(f"{what}: classes {ca.tolist()[:10]} vs {cb.tolist()[:10]}.")
             if m.n_outputs_ != ref.n_outputs_:
@@ -663,7 +663,7 @@ class TRAK(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ features
     def _records(self, member, net, xb, yb, outputs=None):
         return _grad.compute_records(
-            net, xb, output=self.output_, y=yb, loss=member._loss_fn,
+            net, xb, output=self.output_, y=yb, loss=member.loss_fn,
             prefixes=self.output_.prefixes(member.prefixes_), method=self.method, outputs=outputs,
         )
 
@@ -674,7 +674,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         in place batch by batch instead of gathered and copied.
         """
         member = self.models_[j]
-        net = self.output_.network(member._network())
+        net = self.output_.network(member.network())
         bs = int(self.batch_size or member.batch_size_eval)
         rows, k = r1 - r0, self.feature_dim_
         if out is None:
@@ -716,7 +716,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         return int(np.random.SeedSequence(self._seed, spawn_key=(j, 1)).generate_state(1, np.uint64)[0] >> 1)
 
     def _projector(self, member, j):
-        shapes = tuple((n, tuple(p.shape)) for n, p in member._network().named_parameters())
+        shapes = tuple((n, tuple(p.shape)) for n, p in member.network().named_parameters())
         seed = self._projection_seed(j)
         key = (self.projection, self.feature_dim_, seed, str(member.device_),
                str(member.torch_dtype_), type(self.output_).__name__, shapes)
@@ -736,7 +736,7 @@ class TRAK(TransformerMixin, BaseEstimator):
         return self._projectors[key]
 
     def _exact_dim(self, member, X, y_enc):
-        net = self.output_.network(member._network())
+        net = self.output_.network(member.network())
         xb = member.to_tensor(X[:1])
         yb = None if y_enc is None else y_enc[:1]
         return int(sum(r.n_params for r in self._records(member, net, xb, yb)))
@@ -748,7 +748,7 @@ class TRAK(TransformerMixin, BaseEstimator):
             return [self.output_.encode_y(m, y, n) for m in members]
         zs = []
         for m in members:
-            net = self.output_.network(m._network())
+            net = self.output_.network(m.network())
             Xt = m.to_tensor(X)
             bs = int(self.batch_size or m.batch_size_eval)
             with torch.no_grad():
@@ -797,7 +797,7 @@ class TRAK(TransformerMixin, BaseEstimator):
 
         members, masks = self._build_members(X, y)
         for m in members:
-            m._ready(X[:1])
+            m.prepare(X[:1])
         self._check_members(members, X)
         self.output_.check(members[0])
         if len(members) > 1 and getattr(self.output_, "single_model", False):

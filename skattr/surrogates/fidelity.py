@@ -125,7 +125,7 @@ def make_fidelity_scorer(model):
         S = class_scores(estimator, X)
         if P.shape[1] == 2:
             return kendall_tau_fidelity(P[:, 1], S if np.ndim(S) == 1 else S[:, -1])
-        classes = model._classes()
+        classes = model.class_labels()
         if y is None:
             idx = P.argmax(1)
         else:

@@ -125,7 +125,7 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
                 f"{type(self.estimator_).__name__} is a classifier; use estimator='krr' or 'svr'."
             )
         if model.task == "classification":
-            self.classes_ = model._classes()
+            self.classes_ = model.class_labels()
         if self._full() and classifier:
             raise ValueError(
                 "EmpiricalNTK's (sample, class) kernel needs a regressor such as 'krr': it "
@@ -143,7 +143,7 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
                 yy = column_or_1d(y, warn=True)
                 check_classification_targets(yy)
                 if self._full():
-                    model._encode_y(yy, K.shape[0] // model.n_outputs_)  # labels must be the network's
+                    model.encode_y(yy, K.shape[0] // model.n_outputs_)  # labels must be the network's
                 else:
                     # a regressor on label indicators: the classes are those of y
                     self.classes_ = np.unique(yy)
