@@ -28,10 +28,11 @@ from sklearn.metrics import roc_auc_score
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from ._fingerprint import config_key, data_hash, template_hash
 from ._validation import check_input, seed_from_random_state
-from .estimators.trak import _progress, data_hash, make_output, output_values, template_hash
+from .ensemble import train_models
 from .model import TorchModel
-from .store import config_key
+from .outputs import make_output, output_values
 
 __all__ = [
     "SubsetRetrainer",
@@ -130,6 +131,8 @@ class SubsetRetrainer(BaseEstimator):
         ground truth (only the data changes).
     cache_dir : str, path-like or None, default=None
     random_state : int, RandomState instance or None, default=0
+    n_jobs : int or None, default=None
+        Subset models trained in parallel (``joblib``); the models do not depend on it.
     verbose : int, default=0
 
     Attributes
@@ -167,12 +170,13 @@ class SubsetRetrainer(BaseEstimator):
         "reseed": ["boolean"],
         "cache_dir": [str, os.PathLike, None],
         "random_state": ["random_state"],
+        "n_jobs": [numbers.Integral, None],
         "verbose": ["verbose"],
     }
 
     def __init__(
         self, model, *, n_subsets=50, fraction=0.5, output="margin", reseed=True, cache_dir=None,
-        random_state=0, verbose=0,
+        random_state=0, n_jobs=None, verbose=0,
     ):
         self.model = model
         self.n_subsets = n_subsets
@@ -181,6 +185,7 @@ class SubsetRetrainer(BaseEstimator):
         self.reseed = reseed
         self.cache_dir = cache_dir
         self.random_state = random_state
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     def _key(self):
@@ -211,26 +216,15 @@ class SubsetRetrainer(BaseEstimator):
         if self.cache_dir is not None:
             self.cache_path_ = Path(self.cache_dir) / f"lds-{self._key()}"
             self.cache_path_.mkdir(parents=True, exist_ok=True)
-        self.models_ = []
         M = int(self.n_subsets)
-        for m in _progress(range(M), M, self.verbose, "LDS: training subset models"):
-            path = None if self.cache_path_ is None else self.cache_path_ / f"model_{m:04d}.joblib"
-            if path is not None and path.exists():
-                try:
-                    self.models_.append(joblib.load(path))
-                    continue
-                except Exception:  # noqa: BLE001 - damaged cache entry: retrain it
-                    pass
-            est = clone(self.model)
-            if self.reseed:
-                est.set_params(random_state=int(self.seeds_[m]))
-            idx = np.flatnonzero(self.masks_[m])
-            est.fit(X[idx], y[idx])
-            if path is not None:
-                tmp = path.with_name(path.name + ".tmp")
-                joblib.dump(est, tmp)
-                os.replace(tmp, path)
-            self.models_.append(est)
+        paths = None
+        if self.cache_path_ is not None:
+            paths = [self.cache_path_ / f"model_{m:04d}.joblib" for m in range(M)]
+        self.models_ = train_models(
+            self.model, X, y, [np.flatnonzero(self.masks_[m]) for m in range(M)],
+            [int(s) for s in self.seeds_] if self.reseed else [None] * M, paths=paths,
+            n_jobs=self.n_jobs, verbose=self.verbose, desc="LDS: training subset models",
+        )
         self._outputs = {}
         return self
 

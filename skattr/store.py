@@ -16,7 +16,6 @@ One writer at a time: the store is not safe for concurrent writers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,16 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FeatureStore", "config_key"]
+from ._fingerprint import config_key
+
+__all__ = ["FeatureStore", "MemoryStore", "config_key"]
 
 _FORMAT = "skattr-feature-store"
 _VERSION = 1
-
-
-def config_key(config) -> str:
-    """A short, stable hash of a JSON-serialisable description."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=10).hexdigest()
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -285,3 +280,46 @@ class FeatureStore(BlockLayout):
             self._done = {int(m): set(map(int, b)) for m, b in man.get("done", {}).items()}
         else:
             self._done = {}
+
+
+class MemoryStore(BlockLayout):
+    """The :class:`FeatureStore` interface over arrays in memory (one block per model)."""
+
+    def __init__(self, n_rows, dim, n_models, block_size, dtype):
+        self.n_rows, self.dim, self.n_models = n_rows, dim, n_models
+        self.block_size = block_size
+        self.dtype = np.dtype(dtype).name
+        self.F = [np.empty((n_rows, dim), dtype=dtype) for _ in range(n_models)]
+        self.Q = [np.empty(n_rows, dtype=dtype) for _ in range(n_models)]
+        self._done = [set() for _ in range(n_models)]
+        self.arrays = {}
+
+    def missing(self, m=None):
+        models = range(self.n_models) if m is None else [m]
+        return [(mm, b) for mm in models for b in range(self.n_blocks) if b not in self._done[mm]]
+
+    def rows(self, m, b):
+        """The arrays that block ``b`` of model ``m`` is featurised into (views)."""
+        r0, r1 = self.block_range(b)
+        return self.F[m][r0:r1], self.Q[m][r0:r1]
+
+    def write(self, m, b, F, q):
+        Fv, qv = self.rows(m, b)
+        if not np.may_share_memory(F, Fv):  # rows featurised elsewhere, not in place
+            Fv[...] = F
+        if not np.may_share_memory(q, qv):
+            qv[...] = q
+        self._done[m].add(b)
+
+    def iter_blocks(self, m, mmap=True):
+        # one block: the whole matrix (it is in memory anyway)
+        yield 0, self.n_rows, self.F[m], self.Q[m]
+
+    def q(self, m):
+        return self.Q[m]
+
+    def save_array(self, name, a):
+        self.arrays[name] = a
+
+    def load_array(self, name, mmap=True):
+        return self.arrays.get(name)

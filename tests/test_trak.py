@@ -13,7 +13,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch.func import functional_call, jacrev
 
 from skattr import TorchModel
-from skattr.estimators.trak import TRAK, LogitOutput, MarginOutput, output_values
+from skattr.estimators.trak import TRAK
+from skattr.featurize import Featurizer
+from skattr.outputs import LogitOutput, MarginOutput, output_values
+from skattr.preconditioners import RidgeGaussNewton
 from skattr.store import FeatureStore
 
 N, D, C = 36, 5, 3
@@ -120,11 +123,11 @@ def test_float32_factorisation_only_when_well_conditioned(data, models):
 def test_float32_factorisation_falls_back_to_float64(models):
     """A system that is positive definite in float64 but singular once rounded to float32 is
     factorised in float64 instead of failing or returning garbage."""
-    trak = TRAK(models[3])
-    trak.solver_ = "primal"
+    pre = RidgeGaussNewton(1e-12)
+    pre.solver_ = "primal"
     A = torch.tensor([[1.0, 1.0 - 1e-9], [1.0 - 1e-9, 1.0]], dtype=torch.float64)
     assert torch.linalg.cholesky_ex(A.float())[1] != 0  # breaks down in float32
-    L = trak._cholesky(A, 0, 1e-12, torch.float32)
+    L = pre._cholesky(A, 0, 1e-12, torch.float32)
     assert L.dtype == torch.float64
     torch.testing.assert_close(L @ L.T, A, rtol=0, atol=1e-15)
 
@@ -337,13 +340,13 @@ def test_interrupted_store_resumes(data, models, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trak.fit(X, y)
     monkeypatch.setattr(FeatureStore, "write", orig_write)
-    orig_feat = TRAK._featurize_rows
+    orig_feat = Featurizer.rows
 
     def counting(self, *a, **k):
         calls["featurize"] += 1
         return orig_feat(self, *a, **k)
 
-    monkeypatch.setattr(TRAK, "_featurize_rows", counting)
+    monkeypatch.setattr(Featurizer, "rows", counting)
     trak.fit(X, y)
     # 8 blocks of 5 rows: 3 were finished before the interruption, 5 remain (+ nothing else)
     assert calls["featurize"] == 5

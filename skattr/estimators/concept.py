@@ -28,8 +28,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .._validation import check_input, seed_from_random_state
+from ..ensemble import train_models
 from ..model import TorchModel
-from .trak import ModelOutput, _progress
+from ..outputs import ProbeOutput, _concept_labels
 
 __all__ = ["ConceptProbe", "ProbeOutput", "remove_and_retrain", "default_layers"]
 
@@ -50,126 +51,6 @@ def default_layers(net):
     if not names:
         raise ValueError("The network has no activation, Linear or Conv module; pass layers=.")
     return names
-
-
-def _concept_labels(c, n):
-    c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
-    if c.shape[0] != n:
-        raise ValueError(f"X and concept have inconsistent numbers of samples: {n} and {c.shape[0]}.")
-    if c.ndim != 1:
-        raise ValueError(f"concept must be 1-dimensional (one binary label per sample), got {c.shape}.")
-    vals = np.unique(c)
-    if c.dtype == bool:
-        c = c.astype(np.int64)
-    elif not np.all(np.isin(vals, [0, 1])):
-        raise ValueError(
-            f"concept must be binary (0/1 or bool), got values {vals[:10].tolist()}; e.g. pass "
-            "np.isin(y, [0, 6, 8, 9])."
-        )
-    return c.astype(np.int64)
-
-
-# ==========================================================================================
-# probe as a TRAK output
-# ==========================================================================================
-class _StopForward(Exception):
-    pass
-
-
-class _ProbeNet(torch.nn.Module):
-    """The network up to ``layer``, followed by the frozen linear probe: outputs (n, 1) logits."""
-
-    def __init__(self, net, layer, coef, intercept):
-        super().__init__()
-        self.net = net
-        self.layer = layer
-        self.register_buffer("coef", coef)
-        self.register_buffer("intercept", intercept)
-
-    def forward(self, x):
-        mod = self.net.get_submodule(self.layer)
-        store = {}
-
-        def hook(m, i, o):
-            store["h"] = o
-            raise _StopForward
-
-        # registered at call time, after any hook of the gradient engine on the same module, so
-        # those run first; raising stops the forward pass at the probed layer.
-        h = mod.register_forward_hook(hook)
-        try:
-            self.net(x)
-        except _StopForward:
-            pass
-        finally:
-            h.remove()
-        if "h" not in store:
-            raise RuntimeError(f"Layer {self.layer!r} was not called in the forward pass.")
-        a = store["h"].flatten(1)
-        return (a @ self.coef.to(a.dtype) + self.intercept.to(a.dtype))[:, None]
-
-
-class ProbeOutput(ModelOutput):
-    """A frozen concept probe on layer ``layer`` as a TRAK model-output function.
-
-    The output is the probe's margin ``f = (2c - 1) (w . h(x) + b)`` with ``c`` the concept label
-    (TRAK's ``y``), a function of the parameters of the layers below ``layer``; ``Q = 1 -
-    sigmoid(f)``, the reweighting term of the probe's logistic loss.  Targets passed to TRAK are
-    concept labels (0/1); without labels the probe's own prediction is used.
-
-    Parameters
-    ----------
-    layer : str
-        Module name (``net.named_modules()``) whose output is probed.
-    coef : array of shape (d,)
-        Probe weights on the flattened activations (standardisation folded in).
-    intercept : float
-    """
-
-    single_model = True
-
-    def __init__(self, layer, coef, intercept):
-        self.layer = layer
-        self.coef = np.asarray(coef, dtype=np.float64)
-        self.intercept = float(intercept)
-
-    def network(self, net):
-        p = next(iter(net.parameters()))
-        return _ProbeNet(
-            net, self.layer,
-            torch.as_tensor(self.coef, dtype=p.dtype, device=p.device),
-            torch.as_tensor(self.intercept, dtype=p.dtype, device=p.device),
-        ).eval()
-
-    def prefixes(self, prefixes):
-        return None if prefixes is None else ["net." + p for p in prefixes]
-
-    def __call__(self, z, y):
-        sign = 2.0 * y.to(z.dtype) - 1.0
-        return sign * z[:, 0]
-
-    def q(self, z, y):
-        return 1.0 - torch.sigmoid(self(z, y))
-
-    def check(self, model):
-        mods = dict(model.network().named_modules())
-        if self.layer not in mods:
-            raise ValueError(f"The probe's layer {self.layer!r} is not a submodule of the model.")
-
-    def encode_y(self, model, y, n):
-        return torch.as_tensor(_concept_labels(y, n), device=model.device_)
-
-    def predict_y(self, model, zs):
-        return (torch.stack(zs).mean(0)[:, 0] > 0).long()
-
-    def describe(self):
-        import hashlib
-
-        h = hashlib.blake2b(self.coef.tobytes() + repr(self.intercept).encode(), digest_size=8)
-        return {"type": "probe", "layer": self.layer, "coef": h.hexdigest()}
-
-    def __repr__(self):
-        return f"ProbeOutput(layer={self.layer!r}, d={self.coef.shape[0]})"
 
 
 # ==========================================================================================
@@ -368,7 +249,7 @@ class ConceptProbe(BaseEstimator):
 # ==========================================================================================
 def remove_and_retrain(
     model, X, y, concept, scores, *, fractions=(0.05, 0.1, 0.2), n_seeds=3, probe=None,
-    X_probe=None, concept_probe=None, controls=True, random_state=0, verbose=0,
+    X_probe=None, concept_probe=None, controls=True, random_state=0, n_jobs=None, verbose=0,
 ):
     """Counterfactual check of a concept attribution: remove top-k vs random-k and retrain.
 
@@ -399,6 +280,8 @@ def remove_and_retrain(
     controls : bool, default=True
         Also remove k random examples.
     random_state : int, RandomState instance or None, default=0
+    n_jobs : int or None, default=None
+        Models retrained in parallel (:func:`skattr.ensemble.train_models`).
     verbose : int, default=0
 
     Returns
@@ -445,30 +328,30 @@ def remove_and_retrain(
         jobs.append(("top", f, order[:k]))
         if controls:
             jobs.append(("random", f, None))
-    rows = []
-    total = len(jobs) * len(seeds)
-    bar = _progress(range(total), total, verbose, "remove and retrain")
-    it = iter(bar)
+    # every (condition, seed) model through the shared retraining harness, then probed
+    subsets, seed_list, conds = [], [], []
     for cond, f, drop in jobs:
         for si, seed in enumerate(seeds):
-            next(it, None)
             if cond == "random":
                 k = int(round(f * n))
                 drop = np.random.default_rng([base_seed, si, int(f * 1e6)]).choice(n, k, replace=False)
-            keep = np.setdiff1d(np.arange(n), drop)
-            m = clone(model).set_params(random_state=seed).fit(X[keep], y[keep])
-            pr = clone(template).set_params(model=m)
-            pr.fit(X_probe, c_probe)
-            acc_m = float(m.score(X[keep], y[keep]))
-            for layer in pr.layers_:
-                rows.append({
-                    "condition": cond, "fraction": f, "k": int(len(drop)), "seed": seed,
-                    "layer": layer, "accuracy": pr.accuracy_[layer],
-                    "sparsity": pr.sparsity_[layer], "n_active": pr.n_active_[layer],
-                    "best_layer": pr.best_layer_, "model_accuracy": acc_m,
-                })
-    for _ in it:
-        pass
+            subsets.append(np.setdiff1d(np.arange(n), drop))
+            seed_list.append(seed)
+            conds.append((cond, f, int(len(drop))))
+    models = train_models(model, X, y, subsets, seed_list, n_jobs=n_jobs, verbose=verbose,
+                          desc="remove and retrain")
+    rows = []
+    for m, keep, seed, (cond, f, k) in zip(models, subsets, seed_list, conds):
+        pr = clone(template).set_params(model=m)
+        pr.fit(X_probe, c_probe)
+        acc_m = float(m.score(X[keep], y[keep]))
+        for layer in pr.layers_:
+            rows.append({
+                "condition": cond, "fraction": f, "k": k, "seed": seed,
+                "layer": layer, "accuracy": pr.accuracy_[layer],
+                "sparsity": pr.sparsity_[layer], "n_active": pr.n_active_[layer],
+                "best_layer": pr.best_layer_, "model_accuracy": acc_m,
+            })
     return {"rows": rows, "summary": summarize_rows(rows), "removed": removed, "seeds": seeds}
 
 

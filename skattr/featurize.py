@@ -1,0 +1,223 @@
+"""The one featuriser: (model, X, y, output, projector) -> rows of features.
+
+Every kernel and attributor that needs per-example gradients gets them here: the records of
+:func:`skattr.gradients.compute_records` (structured Linear / Conv factors, dense blocks) are
+either flattened (exact features) or projected by a :class:`skattr.projection.Projector`, batch by
+batch, straight into the caller's output rows (an in-memory store's arrays, or a buffer that is
+then written to an on-disk store).  The model-output function (:mod:`skattr.outputs`) says what is
+differentiated; its reweighting term ``Q`` comes from the same forward pass.
+
+:class:`Featurizer` holds one model's settings (output, projection, seed, gradient engine);
+:func:`encode_targets` turns labels (or, without labels, the models' own predictions) into the
+targets the output function takes; :data:`PROJECTORS` shares drawn projections across fits.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from . import gradients as _grad
+from .projection import Projector
+
+__all__ = ["Featurizer", "ProjectorCache", "PROJECTORS", "encode_targets", "projection_seed", "progress"]
+
+
+def progress(iterable, total, verbose, desc):
+    """``iterable`` with a tqdm progress bar when ``verbose``."""
+    if not verbose:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class ProjectorCache:
+    """The last few projectors used, keyed by everything that determines them (thread-safe).
+
+    Projections are deterministic in their key, so grid searches, ensembles and refits share
+    them instead of drawing the same random factors again; dense rows can be large, so only
+    ``maxsize`` are kept.
+    """
+
+    def __init__(self, maxsize=2):
+        self.maxsize = maxsize
+        self._items = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, kind, k, seed, *, device, dtype, key=()):
+        full = (kind, int(k), int(seed), str(device), str(dtype), key)
+        with self._lock:
+            proj = self._items.get(full)
+            if proj is None:
+                proj = Projector(kind, int(k), int(seed), device=device, dtype=dtype)
+                self._items[full] = proj
+                while len(self._items) > self.maxsize:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(full)
+            return proj
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+
+
+PROJECTORS = ProjectorCache()
+
+
+def projection_seed(seed, j):
+    """Seed of the projection of ensemble member (or checkpoint) ``j``: independent across
+    members, so projection noise averages out over an ensemble instead of being shared by
+    every member; member 0 uses ``seed`` itself."""
+    if j == 0:
+        return int(seed)
+    return int(np.random.SeedSequence(int(seed), spawn_key=(j, 1)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Featurizer:
+    """Features of one model: ``phi(z) = P grad_theta f(z) / sqrt(k)`` and ``Q(z)`` per example.
+
+    Parameters
+    ----------
+    model : TorchModel
+        The network (fitted or wrapped).
+    output : ModelOutput
+        What is differentiated (checked against ``model`` by the caller).
+    projection_dim : int or None
+        ``k``; ``None`` gives the exact per-example gradients (``n_params`` columns).
+    projection : str
+        Projection kind (:data:`skattr.projection.KINDS`).
+    seed : int
+        Seed of the projection.
+    method : {"auto", "structured", "vmap"}
+        Gradient engine.
+    batch_size : int or None
+        Examples per gradient batch (default: the model's ``batch_size_eval``).
+    cache : ProjectorCache
+    """
+
+    def __init__(self, model, output, *, projection_dim, projection, seed, method="auto",
+                 batch_size=None, cache=PROJECTORS):
+        self.model = model
+        self.output = output
+        self.projection_dim = projection_dim
+        self.projection = projection
+        self.seed = int(seed)
+        self.method = method
+        self.batch_size = int(batch_size or model.batch_size_eval)
+        self.cache = cache
+        self.net = output.network(model.network())
+
+    def records(self, xb, yb, outputs=None):
+        """Gradient records of the output for one batch (``outputs`` receives the logits)."""
+        m = self.model
+        return _grad.compute_records(
+            self.net, xb, output=self.output, y=yb, loss=m.loss_fn,
+            prefixes=self.output.prefixes(m.prefixes_), method=self.method, outputs=outputs,
+        )
+
+    def projector(self):
+        if self.projection_dim is None:
+            return None
+        m = self.model
+        shapes = tuple((n, tuple(p.shape)) for n, p in m.network().named_parameters())
+        return self.cache.get(
+            self.projection, self.projection_dim, self.seed, device=m.device_,
+            dtype=m.torch_dtype_, key=(type(self.output).__name__, shapes),
+        )
+
+    def dim(self, X, y_enc):
+        """Feature dimension: ``projection_dim``, or the number of parameters differentiated."""
+        if self.projection_dim is not None:
+            return int(self.projection_dim)
+        xb = self.model.to_tensor(X[:1])
+        yb = None if y_enc is None else y_enc[:1]
+        return int(sum(r.n_params for r in self.records(xb, yb)))
+
+    def rows(self, X, y_enc, r0, r1, out=None, *, dim=None):
+        """Features (rows, dim) and Q (rows,) of rows ``r0:r1`` of ``X``.
+
+        ``y_enc`` are the encoded targets of all of ``X`` (or None).  ``out``: optional
+        ``(F, q)`` arrays of those shapes (e.g. an in-memory store's rows), written in place
+        batch by batch instead of gathered and copied.
+        """
+        member = self.model
+        rows = r1 - r0
+        k = int(dim if dim is not None else self.dim(X, y_enc))
+        if out is None:
+            out = (np.empty((rows, k), dtype=member.dtype), np.empty(rows, dtype=member.dtype))
+        F_out, q_out = out
+        # on the CPU the projection accumulates straight into the output rows
+        Ft = torch.from_numpy(F_out) if member.device_.type == "cpu" else None
+        proj = self.projector()
+        scale = 1.0 / math.sqrt(k)
+        bs = self.batch_size
+        Xt = member.to_tensor(X[r0:r1])  # validated and converted once
+        for i0 in range(r0, r1, bs):
+            i1 = min(r1, i0 + bs)
+            xb = Xt[i0 - r0 : i1 - r0]
+            yb = None if y_enc is None else y_enc[i0:i1]
+            outs = {}
+            recs = self.records(xb, yb, outputs=outs)
+            if proj is None:
+                F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
+            else:
+                o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
+                    i1 - i0, k, dtype=proj.dtype, device=proj.device)
+                o.zero_()
+                _grad.project(recs, proj, out=o[:, None, :])
+                o.mul_(scale)
+                if Ft is None:
+                    F_out[i0 - r0 : i1 - r0] = o.cpu().numpy()
+            with torch.no_grad():
+                z = outs["logits"]  # from the gradients' own forward pass
+                q = self.output.q(z, yb if yb is not None else torch.zeros(
+                    len(xb), dtype=torch.long, device=z.device))
+            q_out[i0 - r0 : i1 - r0] = q.detach().cpu().numpy()
+        return F_out, q_out
+
+    def dense_batches(self, X, y_enc):
+        """Yield ``(i0, records)`` of the exact per-example gradient records, batch by batch
+        (for preconditioners that act in parameter space before projecting)."""
+        Xt = self.model.to_tensor(X)
+        for i0 in range(0, Xt.shape[0], self.batch_size):
+            i1 = min(Xt.shape[0], i0 + self.batch_size)
+            yb = None if y_enc is None else y_enc[i0:i1]
+            yield i0, self.records(Xt[i0:i1], yb)
+
+    def project_records(self, recs, out):
+        """Project records into ``out`` (rows, k) with this featuriser's projection and scale
+        (or flatten them when exact)."""
+        proj = self.projector()
+        if proj is None:
+            out.copy_(_grad.flatten(recs)[:, 0])
+            return out
+        out.zero_()
+        _grad.project(recs, proj, out=out[:, None, :])
+        return out.mul_(1.0 / math.sqrt(proj.k))
+
+
+def encode_targets(models, output, X, y, batch_size=None):
+    """Encoded targets per model for ``(X, y)``; ``y=None``: the models' own (averaged)
+    predictions under ``output``."""
+    n = X.shape[0]
+    if y is not None:
+        return [output.encode_y(m, y, n) for m in models]
+    zs = []
+    for m in models:
+        net = output.network(m.network())
+        Xt = m.to_tensor(X)
+        bs = int(batch_size or m.batch_size_eval)
+        with torch.no_grad():
+            parts = []
+            for i in range(0, n, bs):
+                z = net(Xt[i : i + bs])
+                parts.append(z[:, None] if z.ndim == 1 else z)
+        zs.append(torch.cat(parts))
+    yt = output.predict_y(models[0], zs)
+    return [yt.to(m.device_) for m in models]
