@@ -294,3 +294,82 @@ def test_surrogate_of_a_regression_network():
     for est in ("svc", "kglm"):
         with pytest.raises(ValueError, match="'krr' or 'svr'"):
             KernelSurrogate(TraceNTK(model), est).fit(X[:60])
+
+
+# ----------------------------------------------------------------------------- class alignment
+@pytest.fixture(scope="module")
+def four():
+    """A 4-class network and a fit set on which it never predicts class 1 (so a surrogate fitted
+    to its predictions has classes [0, 2, 3], not the network's [0, 1, 2, 3])."""
+    X, y = _blobs(4, n_per=40)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    model = TorchModel(net, epochs=10, batch_size=16, random_state=0).fit(X[:100], y[:100])
+    Xf = X[:100][model.predict(X[:100]) != 1]
+    return model, Xf, X[100:], y[100:]
+
+
+def _aligned_reference(model, P, S, classes, cls):
+    """tau between the network's and the surrogate's probability of label ``cls[i]``, matched by
+    label: the surrogate's probability of a label it does not have is 0."""
+    labels = list(model.class_labels())
+    Sf = np.zeros_like(P)
+    for j, c in enumerate(classes):
+        Sf[:, labels.index(c)] = S[:, j]
+    col = np.array([labels.index(c) for c in cls])
+    a, b = P[np.arange(len(P)), col], Sf[np.arange(len(P)), col]
+    keep = (a > 0) & (a < 1)
+    return kendalltau(a[keep], b[keep]).statistic
+
+
+def test_score_aligns_the_surrogate_classes_with_the_network_by_label(four):
+    """Issue 10 item 6: the surrogate's classes [0, 2, 3] are matched to the network's columns
+    by label, not by position (before: P[:, 1] of label 1 was compared with S[:, 1] of label 2)."""
+    model, Xf, Xt, yt = four
+    sur = KernelSurrogate(TraceNTK(model), "klr").fit(Xf)
+    np.testing.assert_array_equal(sur.classes_, [0, 2, 3])
+    P, S = model.predict_proba(Xt), sur.predict_proba(Xt)
+    keep = yt != 1  # labels the surrogate knows
+    expected = _aligned_reference(model, P[keep], S[keep], sur.classes_, yt[keep])
+    assert sur.score(Xt[keep], yt[keep]) == pytest.approx(expected)
+    assert expected > 0.2  # a faithful surrogate; the misaligned score was negative
+    # y=None: the network's predicted class, matched by label too
+    pred = model.predict(Xt)
+    expected = _aligned_reference(model, P, S, sur.classes_, pred)
+    with pytest.warns(UserWarning, match=r"never saw.*\[1\]"):
+        assert sur.score(Xt) == pytest.approx(expected)
+    # labels the network knows but the surrogate never saw: its probability for them is 0
+    with pytest.warns(UserWarning, match=r"never saw.*\[1\]"):
+        tau = sur.score(Xt, yt)
+    assert tau == pytest.approx(_aligned_reference(model, P, S, sur.classes_, yt))
+
+
+def test_fidelity_scorer_aligns_classes_by_label(four):
+    from sklearn.pipeline import make_pipeline
+
+    model, Xf, Xt, yt = four
+    pipe = make_pipeline(TraceNTK(model), LogisticRegression(max_iter=2000)).fit(Xf, model.predict(Xf))
+    np.testing.assert_array_equal(pipe.classes_, [0, 2, 3])
+    keep = yt != 1
+    expected = _aligned_reference(model, model.predict_proba(Xt[keep]), pipe.predict_proba(Xt[keep]),
+                                  pipe.classes_, yt[keep])
+    assert make_fidelity_scorer(model)(pipe, Xt[keep], yt[keep]) == pytest.approx(expected)
+
+
+def test_score_names_labels_unknown_to_the_network(four, binary):
+    model, Xf, Xt, yt = four
+    sur = KernelSurrogate(TraceNTK(model), "klr").fit(Xf)
+    with pytest.raises(ValueError, match=r"\[7\].*not among the network's classes"):
+        sur.score(Xt, np.where(yt == 3, 7, yt))
+    with pytest.raises(ValueError, match=r"'b'.*not among the network's classes"):
+        sur.score(Xt, np.array(list("abcd"))[yt])
+    with pytest.raises(ValueError, match=r"\[9\].*not among the surrogate's classes"):
+        sur.explain(Xt[:3], target=9)
+    # a surrogate fitted to labels that are not the network's cannot be compared with it
+    model2, X2, y2, Xt2, yt2 = binary
+    sur2 = KernelSurrogate(TraceNTK(model2), "svc").fit(X2, np.array(["neg", "pos"])[y2])
+    with pytest.raises(ValueError, match=r"'neg', 'pos'.*none of them among the network's"):
+        sur2.score(Xt2, yt2)
+    # column indices out of range are a clear error, not an IndexError
+    with pytest.raises(ValueError, match="column indices"):
+        kendall_tau_fidelity(np.full((4, 3), 1 / 3), np.full((4, 3), 1 / 3), [0, 1, 2, 3])

@@ -2,8 +2,10 @@
 
 from .fidelity import (
     accuracy_differential,
+    align_scores,
     class_scores,
     kendall_tau_fidelity,
+    label_positions,
     make_fidelity_scorer,
 )
 from .kernel_machine import KernelSurrogate
@@ -14,4 +16,6 @@ __all__ = [
     "accuracy_differential",
     "class_scores",
     "make_fidelity_scorer",
+    "label_positions",
+    "align_scores",
 ]

@@ -13,7 +13,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from ..estimators.ntk import EmpiricalNTK
-from .fidelity import class_scores, kendall_tau_fidelity
+from .fidelity import class_scores, fidelity_from_scores, label_positions
 
 __all__ = ["KernelSurrogate"]
 
@@ -231,6 +231,21 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
     def score(self, X, y=None):
         """Kendall-tau fidelity to the network on ``X`` (true class ``y``; binary: class 1).
 
+        The surrogate's probabilities are matched to the network's by label (``classes_``
+        against the network's ``class_labels()``), never by position: a class the surrogate never
+        saw in fitting has probability 0 for it (with a ``UserWarning``), and a label of ``y``
+        that the network does not have is a ``ValueError`` naming it.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, ...)
+        y : array-like of shape (n_samples,), default=None
+            True labels (the network's labels); None takes the network's predicted class.
+
+        Returns
+        -------
+        tau : float
+
         For a regression network: Kendall tau between the network's and the surrogate's outputs
         (all outputs flattened); ``y`` is not used.
         """
@@ -241,10 +256,9 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             return float(kendalltau(P, S).statistic)
         S = self.predict_proba(X)  # first: validates X against the fitted kernel
         P = self.model_.predict_proba(X)
-        if P.shape[1] == 2:
-            return kendall_tau_fidelity(P[:, 1], S[:, 1])
-        idx = P.argmax(1) if y is None else np.searchsorted(self.classes_, np.asarray(y))
-        return kendall_tau_fidelity(P, S, idx)
+        # matched by label: the surrogate's classes_ may lack a class the network never
+        # predicted on the fit set, or hold labels of a y the network does not know
+        return fidelity_from_scores(P, S, self.model_.class_labels(), self.classes_, y)
 
     # ------------------------------------------------------------------ explanations
     def explain(self, X, target=None):
@@ -265,7 +279,10 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
             cls = self.predict(X)
         else:
             cls = np.broadcast_to(np.asarray(target), (n,))
-        ci = np.searchsorted(self.classes_, cls) if hasattr(self, "classes_") else np.zeros(n, int)
+        if hasattr(self, "classes_"):
+            ci = label_positions(cls, self.classes_, whose="surrogate's")
+        else:
+            ci = np.zeros(n, int)
         if hasattr(est, "coef_") and np.ndim(est.coef_) == 2 and est.coef_.shape[1] == K.shape[1]:
             W = est.coef_  # (C or 1, n_fit): linear model on kernel features (kGLM)
         elif hasattr(est, "dual_coef_") and isinstance(est, KernelRidge):
