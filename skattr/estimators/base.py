@@ -262,10 +262,21 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         return np.ones(self.n_train_)
 
     # ------------------------------------------------------------------ scoring
-    def _target_rows(self, j, X, y_enc):
-        """Target features of model ``j`` as a tensor (t, k), before the preconditioner."""
+    def _raw_rows(self, j, X, y_enc):
+        """Features of ``X`` under model ``j`` (t, k), as the training rows were computed."""
         G, _ = self._featurizer(j).rows(X, y_enc, 0, X.shape[0], dim=self.feature_dim_)
         return G
+
+    def _target_rows(self, j, X, y_enc):
+        """Target rows of model ``j`` handed to its preconditioner's ``scores`` (default: the
+        raw features; a method preconditioning in parameter space returns them already
+        preconditioned and pairs them with :class:`~skattr.preconditioners.Identity`)."""
+        return self._raw_rows(j, X, y_enc)
+
+    def _preconditioned_rows(self, j, X, y_enc):
+        """``phi_j(X) M_j`` as a float64 tensor (t, k)."""
+        G = as_tensor(self._raw_rows(j, X, y_enc), self._device, torch.float64)
+        return self.preconditioners_[j].apply(G).to(torch.float64)
 
     def attribute(self, X, y=None):
         """Scores of every training example for each sample of ``X``.
@@ -341,10 +352,6 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         return TopK(pro, np.take_along_axis(S, pro, 1), opp, np.take_along_axis(S, opp, 1))
 
     # ------------------------------------------------------------------ the attribution's kernel
-    def _apply(self, j, X, y_enc, G):
-        """``G M_j`` (float64) for target features ``G`` of ``X`` under model ``j``."""
-        return self.preconditioners_[j].apply(G).to(torch.float64)
-
     def kernel(self, X, Y=None):
         """The symmetric kernel this attribution defines, ``(n_X, n_Y)``.
 
@@ -361,9 +368,8 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         yY = yX if same else self._labels(self.models_, Y, None)
         K = None
         for j in range(len(self.models_)):
-            GX = as_tensor(self._target_rows(j, X, yX[j]), self._device, torch.float64)
-            GY = GX if same else as_tensor(self._target_rows(j, Y, yY[j]), self._device, torch.float64)
-            Kj = float(self.weights_[j]) * (self._apply(j, X, yX[j], GX) @ GY.T)
+            GY = as_tensor(self._raw_rows(j, Y, yY[j]), self._device, torch.float64)
+            Kj = float(self.weights_[j]) * (self._preconditioned_rows(j, X, yX[j]) @ GY.T)
             K = Kj if K is None else K + Kj
         if same:
             K = 0.5 * (K + K.T)  # exact symmetry (the two products round differently)
