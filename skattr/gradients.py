@@ -18,6 +18,7 @@ This module and :mod:`skattr.model` are the only places that touch ``nn.Module``
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from . import _memory
 from .projection import STRUCTURED
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "records_shape",
     "flatten",
     "structured_support",
+    "DeferredRecords",
+    "ENGINES",
 ]
 
 
@@ -168,7 +172,7 @@ def output_values(output, z, y, loss):
 
 
 # ----------------------------------------------------------------------------------------
-# structured engine
+# parameter selection (each Parameter once, under its first name)
 # ----------------------------------------------------------------------------------------
 _KRON = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
@@ -178,19 +182,51 @@ class _Unsupported(Exception):
     pass
 
 
+def _aliases(module):
+    """{id(param): [every full name of that Parameter]} for trainable parameters."""
+    out = {}
+    for mname, mod in module.named_modules(remove_duplicate=False):
+        for n, p in mod.named_parameters(recurse=False):
+            if p.requires_grad:
+                full = f"{mname}.{n}" if mname else n
+                names = out.setdefault(id(p), [])
+                if full not in names:
+                    names.append(full)
+    return out
+
+
+def _is_selected(names, prefixes):
+    # a tied Parameter is selected when any of its names is: its gradient sums over every use
+    return prefixes is None or any(nm.startswith(pf) for nm in names for pf in prefixes)
+
+
+def _unique_selected(module, prefixes):
+    """``[(name, param)]`` of the selected trainable parameters, each once, in the order (and
+    under the names) of ``module.named_parameters()``."""
+    al = _aliases(module)
+    return [(n, p) for n, p in module.named_parameters()
+            if p.requires_grad and _is_selected(al[id(p)], prefixes)]
+
+
 def _selected(module, prefixes):
-    """{module_name: (module, [param names selected])} for leaf modules holding parameters."""
+    """{module_name: (module, [param names selected])} for modules holding selected parameters
+    (a module holding a tied Parameter is listed under each of its names)."""
+    al = _aliases(module)
     out = {}
     for mname, mod in module.named_modules():
-        own = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
-        names = []
-        for n, _ in own:
-            full = f"{mname}.{n}" if mname else n
-            if prefixes is None or any(full.startswith(pf) for pf in prefixes):
-                names.append(n)
+        names = [n for n, p in mod.named_parameters(recurse=False)
+                 if p.requires_grad and _is_selected(al[id(p)], prefixes)]
         if names:
             out[mname] = (mod, names)
     return out
+
+
+def _recurrent(module):
+    """The first recurrent layer (name, type name) in ``module``, or None."""
+    for mname, mod in module.named_modules():
+        if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
+            return mname or "(root)", type(mod).__name__
+    return None
 
 
 def structured_support(module, prefixes=None):
@@ -202,10 +238,14 @@ def structured_support(module, prefixes=None):
         elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if not mod.track_running_stats:
                 return f"{mname}: BatchNorm without running statistics"
+        elif isinstance(mod, nn.Embedding):
+            if mod.max_norm is not None or mod.scale_grad_by_freq:
+                return f"{mname}: Embedding with max_norm or scale_grad_by_freq"
         elif isinstance(mod, (nn.Linear, nn.LayerNorm, nn.GroupNorm)):
             pass
         else:
-            return f"{mname}: {type(mod).__name__} is not a Linear, Conv or norm layer"
+            return (f"{mname}: {type(mod).__name__} is not a Linear, Conv, Embedding or norm "
+                    "layer")
     return None
 
 
@@ -220,14 +260,45 @@ def _unfold(mod, x):
     return cols.transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------------------
+# structured engine
+# ----------------------------------------------------------------------------------------
+# Modules whose output (or input) a forward pass modifies in place, learnt on a first run: their
+# hooked output is then cloned (the clone goes on and is modified; the gradient is taken at
+# the untouched original) and their captured input copied.  Keyed weakly by the network.
+_INPLACE = weakref.WeakKeyDictionary()
+
+
 def _structured(module, specs, x, output, y, loss, outputs=None):
-    captured = {}
+    known = _INPLACE.setdefault(module, (set(), set()))
+    for _ in range(4):  # each retry adds the layers found modified in place
+        try:
+            return _structured_once(module, specs, x, output, y, loss, outputs, *known)
+        except _Retry as exc:
+            known[0].update(exc.outs)
+            known[1].update(exc.inps)
+    raise _Unsupported("tensors are modified in place in a way the hooks cannot follow")
+
+
+class _Retry(Exception):
+    def __init__(self, outs, inps):
+        super().__init__("retry")
+        self.outs, self.inps = outs, inps
+
+
+def _structured_once(module, specs, x, output, y, loss, outputs, clone_out, clone_in):
+    captured = {}  # name -> list of (input, output, output version, input version), one per call
 
     def make_hook(name):
         def hook(mod, inputs, out):
-            if name in captured:
-                raise _Unsupported(f"module {name!r} is called more than once per forward")
-            captured[name] = (inputs[0].detach(), out, out._version)
+            inp = inputs[0].detach()
+            if name in clone_in:
+                inp = inp.clone()
+            captured.setdefault(name, []).append((inp, out, out._version, inputs[0]._version,
+                                                  inputs[0]))
+            if name in clone_out:
+                return out.clone()
+            return None
 
         return hook
 
@@ -237,16 +308,22 @@ def _structured(module, specs, x, output, y, loss, outputs=None):
             z = module(x)
             if z.ndim == 1:
                 z = z[:, None]
+            vals = output_values(output, z, y, loss)
+            missing = [n for n in specs if n not in captured]
+            if missing:
+                raise _Unsupported(f"{missing[0]!r} holds selected parameters but its forward "
+                                   "is never called (its parameters are used another way)")
+            bad_out = {n for n in specs for c in captured[n] if c[1]._version != c[2]}
+            bad_in = {n for n in specs for c in captured[n]
+                      if n not in clone_in and c[4]._version != c[3]}
+            if bad_out or bad_in:
+                raise _Retry(bad_out, bad_in)
             if outputs is not None:
                 outputs["logits"] = z.detach()
-            vals = output_values(output, z, y, loss)
-            names = [n for n in specs if n in captured]
-            for n in names:
-                if captured[n][1]._version != captured[n][2]:
-                    raise _Unsupported(f"the output of {n!r} is modified in place")
-            outs = [captured[n][1] for n in names]
+            uses = [(n, c) for n in specs for c in captured[n]]
+            outs = [c[1] for _, c in uses]
             m = vals.shape[1]
-            deltas = [[] for _ in names]
+            deltas = [[] for _ in uses]
             for o in range(m):
                 gs = torch.autograd.grad(
                     vals[:, o].sum(), outs, retain_graph=o < m - 1, allow_unused=True
@@ -256,18 +333,78 @@ def _structured(module, specs, x, output, y, loss, outputs=None):
     finally:
         for h in handles:
             h.remove()
+    if all(len(captured[n]) == 1 for n in specs) and not _tied(specs):
+        records = []
+        for (n, c), dl in zip(uses, deltas):
+            mod, pnames = specs[n]
+            records.extend(_layer_records(n, mod, pnames, c[0], _stack(dl)))
+        return records
+    return _merged_records(module, specs, uses, deltas)
+
+
+def _stack(dl):
+    return dl[0].unsqueeze(1) if len(dl) == 1 else torch.stack(dl, dim=1)  # (n, m, *out_shape)
+
+
+def _tied(specs):
+    seen = set()
+    for mod, pnames in specs.values():
+        for pn in pnames:
+            pid = id(getattr(mod, pn))
+            if pid in seen:
+                return True
+            seen.add(pid)
+    return False
+
+
+def _merged_records(module, specs, uses, deltas):
+    """Records when a Parameter is used more than once (a module called several times, or a
+    Parameter tied between modules): one record per Parameter, the sum over its uses.
+
+    Uses of a weight that are all Linear/Conv layers of one shape are kept factored: the
+    gradient ``sum_u sum_s d_{u,s} a_{u,s}^T`` is one KronRecord over the concatenated positions
+    of all uses.  Any other mix (an Embedding tied to a decoder) is summed densely.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}  # canonical names, in order
+    parts = {}  # canonical name -> list of records (one per use) in parameter layout
+    for (mname, c), dl in zip(uses, deltas):
+        mod, pnames = specs[mname]
+        d = _stack(dl)
+        for pn in pnames:  # one record per parameter: a shared weight keeps no bias column
+            for r in _layer_records(mname, mod, [pn], c[0], d):
+                parts.setdefault(names[id(getattr(mod, pn))], []).append(r)
     records = []
-    for n, dl in zip(names, deltas):
-        mod, pnames = specs[n]
-        inp = captured[n][0]
-        d = dl[0].unsqueeze(1) if len(dl) == 1 else torch.stack(dl, dim=1)  # (n, m, *out_shape)
-        records.extend(_layer_records(n, mod, pnames, inp, d))
+    for key in [n for n in names.values() if n in parts]:
+        rs = parts[key]
+        if len(rs) == 1:
+            r = rs[0]
+            r.key = key
+            records.append(r)
+        elif all(isinstance(r, KronRecord) and not r.bias for r in rs) and len(
+            {(r.x.shape[-1], r.d.shape[-1]) for r in rs}
+        ) == 1:
+            records.append(KronRecord(key, torch.cat([r.x for r in rs], 1),
+                                      torch.cat([r.d for r in rs], 1)))
+        else:
+            g = rs[0].dense()
+            for r in rs[1:]:
+                g = g + r.dense()
+            records.append(DenseRecord(key, g))
     return records
 
 
 def _layer_records(name, mod, pnames, inp, d):
     n, m = d.shape[:2]
     recs = []
+    if isinstance(mod, nn.Embedding):
+        # the gradient of the table is d scattered into the rows of the looked-up ids
+        idx = inp.reshape(n, -1)
+        dd = d.reshape(n, m, idx.shape[1], -1)
+        g = d.new_zeros(n, m, mod.num_embeddings, dd.shape[-1])
+        g.scatter_add_(2, idx[:, None, :, None].expand_as(dd), dd)
+        if mod.padding_idx is not None:
+            g[:, :, mod.padding_idx] = 0
+        return [DenseRecord(f"{name}.weight", g.reshape(n, m, -1))]
     if isinstance(mod, _KRON):
         if isinstance(mod, nn.Linear):
             a = inp.reshape(n, -1, inp.shape[-1])  # (n, L, d_in)
@@ -306,16 +443,16 @@ def _layer_records(name, mod, pnames, inp, d):
 
 
 # ----------------------------------------------------------------------------------------
-# vmap engine
+# vmap and autograd engines
 # ----------------------------------------------------------------------------------------
 def _vmap(module, prefixes, x, output, y, loss):
-    sel = _selected(module, prefixes)
-    names = [f"{mn}.{pn}" if mn else pn for mn, (_, pns) in sel.items() for pn in pns]
-    params = {k: v.detach() for k, v in module.named_parameters() if k in names}
+    sel = _unique_selected(module, prefixes)
+    params = {k: v.detach() for k, v in sel}
     others = {k: v.detach() for k, v in module.named_parameters() if k not in params}
     others.update(dict(module.named_buffers()))
 
     def f(p, xi, yi):
+        # tied names are not passed: functional_call's tie_weights gives every alias the value
         z = functional_call(module, ({**p, **others},), (xi[None],))
         if z.ndim == 1:
             z = z[:, None]
@@ -324,34 +461,277 @@ def _vmap(module, prefixes, x, output, y, loss):
     with torch.enable_grad():
         jac = vmap(jacrev(f), in_dims=(None, 0, 0))(params, x, y)
     n = x.shape[0]
-    return [DenseRecord(k, jac[k].reshape(n, jac[k].shape[1], -1)) for k in names]
+    return [DenseRecord(k, jac[k].reshape(n, jac[k].shape[1], -1)) for k in params]
 
 
-def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=None, method="auto",
-                    outputs=None):
-    """Records of per-example gradients of ``output`` for the batch ``x``.
+def _autograd(module, prefixes, x, output, y, loss):
+    """One example at a time, one ``torch.autograd.grad`` per output: works for any module
+    autograd can differentiate (recurrent layers included), at a Python loop's speed."""
+    sel = _unique_selected(module, prefixes)
+    params = [p for _, p in sel]
+    rows = []
+    # cuDNN's RNN backward refuses eval mode; the native kernels do not
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+        for i in range(x.shape[0]):
+            z = module(x[i : i + 1])
+            if z.ndim == 1:
+                z = z[:, None]
+            v = output_values(output, z, y[i : i + 1], loss)[0]
+            per = []
+            for o in range(v.shape[0]):
+                gs = torch.autograd.grad(v[o], params, retain_graph=o < v.shape[0] - 1,
+                                         allow_unused=True)
+                per.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
+            rows.append(per)
+    return [DenseRecord(k, torch.stack([torch.stack([per[j].reshape(-1) for per in row])
+                                        for row in rows]))
+            for j, (k, _) in enumerate(sel)]
 
-    ``module`` must be in eval mode (examples independent of each other).  A dict passed as
-    ``outputs`` receives the batch's network outputs (n, C) under ``"logits"`` (from the same
-    forward pass when the structured engine runs).
-    """
-    if y is None:
-        y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+# ----------------------------------------------------------------------------------------
+# engine choice, memory planning and chunking
+# ----------------------------------------------------------------------------------------
+ENGINES = ("structured", "vmap", "autograd")
+_METHODS = ("auto", *ENGINES)
+
+
+def _choose(module, prefixes, method):
+    """``(engine, reason)`` before running: structured when supported (under "auto"), else
+    vmap, else per-example autograd for what torch.func cannot batch."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}.")
     if method in ("auto", "structured"):
         reason = structured_support(module, prefixes)
         if reason is None:
-            specs = _selected(module, prefixes)
-            try:
-                return _structured(module, specs, x, output, y, loss, outputs)
-            except _Unsupported as exc:
-                reason = str(exc)
+            return "structured", "every layer holding selected parameters has a structured record"
         if method == "structured":
             raise ValueError(f"The structured gradient engine cannot handle this model: {reason}.")
+    else:
+        reason = f"method={method!r} was requested"
+    if method == "autograd":
+        return "autograd", reason
+    rec = _recurrent(module)
+    if rec is not None:
+        return "autograd", (f"{reason}; {rec[0]}: {rec[1]} is recurrent and cannot run under "
+                            "torch.func.vmap, so per-example autograd is used")
+    return "vmap", reason
+
+
+_PROBES = weakref.WeakKeyDictionary()
+
+
+def _probe(module, x, output, y, loss, prefixes, engine):
+    """Bytes per example (records and working memory) and fixed bytes of ``engine`` on this
+    network and input shape, from one no-grad forward pass of one example (cached)."""
+    okey = output if isinstance(output, str) else id(output)
+    key = (tuple(x.shape[1:]), x.dtype, okey, None if prefixes is None else tuple(prefixes), engine)
+    cache = _PROBES.setdefault(module, {})
+    if key in cache:
+        return cache[key]
+    leaf = [m for m in module.modules() if next(m.children(), None) is None]
+    sel = _selected(module, prefixes) if engine == "structured" else {}
+    sel_ids = {id(mod) for mod, _ in sel.values()}
+    act, hooked = [0], [0]
+
+    def numel(t):
+        if isinstance(t, torch.Tensor):
+            return t.numel()
+        if isinstance(t, (tuple, list)):
+            return sum(numel(u) for u in t)
+        return 0
+
+    def hook(mod, inputs, out):
+        k = numel(out)
+        act[0] += k
+        if id(mod) in sel_ids:
+            hooked[0] += numel(inputs[0]) + k
+            if isinstance(mod, _KRON) and not isinstance(mod, nn.Linear):
+                hooked[0] += numel(inputs[0]) * math.prod(mod.kernel_size)  # patches
+
+    handles = [m.register_forward_hook(hook) for m in leaf]
+    try:
+        with torch.no_grad():
+            z = module(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    z = z[:, None] if z.ndim == 1 else z
+    m = output_values(output, z, y[:1], loss).shape[1]
+    isz = torch.finfo(z.dtype).bits // 8 if z.is_floating_point() else 4
+    P = sum(p.numel() for _, p in _unique_selected(module, prefixes))
+    A = act[0] + numel(x[:1]) + z.numel()
+    if engine == "structured":
+        # saved activations and one backward's gradients; records: inputs (patches) and one
+        # output gradient per output; dense records of norm and embedding layers
+        dense = sum(p.numel() for mod, pns in sel.values() if not isinstance(mod, _KRON)
+                    for pn in pns for p in [getattr(mod, pn)])
+        per, fixed = isz * (3 * A + hooked[0] * (m + 1) + 2 * m * dense), 0
+    elif engine == "vmap":
+        # jacrev vmaps the backward over the m outputs: m copies of the activations' gradients
+        # and of the parameter gradients, next to the saved forward
+        per, fixed = isz * (3 * A + 2 * m * A + 2 * m * P), 0
+    else:  # autograd: one example at a time; only the records grow with the chunk
+        per, fixed = isz * m * P, isz * (3 * A + 2 * P)
+    cache[key] = (int(per), int(fixed), int(m))
+    return cache[key]
+
+
+def _run(engine, module, prefixes, specs, x, output, y, loss, outputs):
+    if engine == "structured":
+        return _structured(module, specs, x, output, y, loss, outputs)
+    recs = (_vmap if engine == "vmap" else _autograd)(module, prefixes, x, output, y, loss)
     if outputs is not None:
         with torch.no_grad():
             z = module(x)
         outputs["logits"] = z[:, None] if z.ndim == 1 else z
-    return _vmap(module, prefixes, x, output, y, loss)
+    return recs
+
+
+def _cat_records(chunks):
+    """Concatenate per-chunk record lists along the examples."""
+    out = []
+    for rs in zip(*chunks):
+        r0 = rs[0]
+        if isinstance(r0, KronRecord):
+            out.append(KronRecord(r0.key, torch.cat([r.x for r in rs]),
+                                  torch.cat([r.d for r in rs]), bias=r0.bias))
+        else:
+            out.append(DenseRecord(r0.key, torch.cat([r.g for r in rs])))
+    return out
+
+
+class DeferredRecords:
+    """Records of a batch too large for the memory budget, computed chunk by chunk on use.
+
+    :func:`project`, :func:`gram`, :func:`self_gram`, :func:`flatten` and
+    :func:`records_shape` process it one chunk at a time (``chunks()``); any other use
+    (iteration, indexing) computes all the records at once.
+    """
+
+    def __init__(self, compute, n, m, chunk_size):
+        self._compute, self.n, self.m, self.chunk_size = compute, n, m, chunk_size
+        self._all = None
+
+    def chunks(self):
+        """Yield ``(i0, i1, records)`` of consecutive chunks."""
+        for i0 in range(0, self.n, self.chunk_size):
+            i1 = min(self.n, i0 + self.chunk_size)
+            yield i0, i1, self._compute(i0, i1)
+
+    def _records(self):
+        if self._all is None:
+            self._all = _cat_records([r for _, _, r in self.chunks()])
+        return self._all
+
+    def __iter__(self):
+        return iter(self._records())
+
+    def __len__(self):
+        return len(self._records())
+
+    def __getitem__(self, i):
+        return self._records()[i]
+
+
+def _chunks_of(records):
+    if isinstance(records, DeferredRecords):
+        yield from records.chunks()
+    else:
+        n = records_shape(records)[0]
+        yield 0, n, records
+
+
+def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=None, method="auto",
+                    outputs=None, budget=None, info=None):
+    """Records of per-example gradients of ``output`` for the batch ``x``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        In eval mode (examples independent of each other).
+    x : torch.Tensor of shape (n, ...)
+        The batch; floating inputs in the module's dtype, integer inputs (token ids) as they are.
+    output, y, loss, prefixes
+        See ``docs/gradients.md``.
+    method : {"auto", "structured", "vmap", "autograd"}, default="auto"
+        "auto": the structured engine when it handles the model, else ``torch.func.vmap``, else
+        (recurrent layers, or vmap failing) a per-example autograd loop.  "vmap" skips the
+        structured engine (and still falls back to autograd where vmap cannot run).
+    outputs : dict, optional
+        Receives the batch's network outputs (n, C) under ``"logits"``.
+    budget : int or str, optional
+        Memory budget in bytes (:mod:`skattr._memory`; default ``$SKATTR_MEMORY_BUDGET`` or
+        1 GiB).  The batch is processed in chunks whose records and working memory fit it;
+        when the records of the whole batch do not fit, a :class:`DeferredRecords` is returned
+        and computed chunk by chunk where it is used.  ``MemoryError`` when one example does
+        not fit.
+    info : dict, optional
+        Filled with ``engine`` ("structured", "vmap" or "autograd"), ``reason`` (why that
+        engine), ``chunk_size``, ``n_chunks``, ``deferred``, ``bytes_per_example``,
+        ``fixed_bytes`` and ``budget``.
+
+    Returns
+    -------
+    list of records (or :class:`DeferredRecords`)
+    """
+    if y is None:
+        y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    engine, reason = _choose(module, prefixes, method)
+    specs = _selected(module, prefixes) if engine == "structured" else None
+    limit = _memory.memory_budget(budget)
+    n = x.shape[0]
+    report = {} if info is None else info
+    report.clear()
+
+    def plan(engine):
+        per, fixed, m = _probe(module, x, output, y, loss, prefixes, engine)
+        c = _memory.plan_chunk(n, per, limit, fixed=fixed,
+                               what=f"The {engine} gradient engine")
+        report.update(engine=engine, bytes_per_example=per, fixed_bytes=fixed, budget=limit)
+        return c, m, per
+
+    def run(engine, i0, i1):
+        outs = {} if outputs is not None else None
+        recs = _run(engine, module, prefixes, specs, x[i0:i1], output, y[i0:i1], loss, outs)
+        return recs, None if outs is None else outs["logits"]
+
+    chunk, m, per = plan(engine)
+    first = None  # the first chunk's (records, logits), from trying the engine on it
+    if engine == "structured":
+        try:
+            first = run(engine, 0, chunk)
+        except _Unsupported as exc:
+            if method == "structured":
+                raise ValueError(
+                    f"The structured gradient engine cannot handle this model: {exc}."
+                ) from None
+            reason = str(exc)
+            engine = "autograd" if _recurrent(module) else "vmap"
+            chunk, m, per = plan(engine)
+    if engine == "vmap" and first is None:
+        try:
+            first = run(engine, 0, chunk)
+        except RuntimeError as exc:  # an operation torch.func cannot batch
+            reason = (f"{reason}; torch.func.vmap failed ({str(exc).splitlines()[0][:200]}), so "
+                      "per-example autograd is used")
+            engine = "autograd"
+            chunk, m, per = plan(engine)
+    report.update(engine=engine, reason=reason, chunk_size=chunk,
+                  n_chunks=-(-n // chunk), deferred=False)
+    if chunk < n and per * n > limit:
+        # the records of the whole batch exceed the budget: computed where they are used
+        report["deferred"] = True
+        if outputs is not None:
+            with torch.no_grad():
+                zs = [module(x[i : i + chunk]) for i in range(0, n, chunk)]
+            outputs["logits"] = torch.cat([z[:, None] if z.ndim == 1 else z for z in zs])
+        return DeferredRecords(lambda i0, i1: run(engine, i0, i1)[0], n, m, chunk)
+    parts = [first if i0 == 0 and first is not None else run(engine, i0, min(n, i0 + chunk))
+             for i0 in range(0, n, chunk)]
+    if outputs is not None:
+        outputs["logits"] = torch.cat([z for _, z in parts])
+    recs = [r for r, _ in parts]
+    return recs[0] if len(recs) == 1 else _cat_records(recs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,6 +739,20 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
 # ----------------------------------------------------------------------------------------
 def gram(rx, ry, mode="trace"):
     """Kernel between two record lists: (n, n') for ``mode="trace"``, (n, n', m, m) for "full"."""
+    if not isinstance(rx, DeferredRecords) and not isinstance(ry, DeferredRecords):
+        return _gram(rx, ry, mode)
+    K = None
+    for i0, i1, a in _chunks_of(rx):
+        for j0, j1, b in _chunks_of(ry):
+            blk = _gram(a, b, mode)
+            if K is None:
+                nx, ny = records_shape(rx)[0], records_shape(ry)[0]
+                K = blk.new_empty(nx, ny, *blk.shape[2:])
+            K[i0:i1, j0:j1] = blk
+    return K
+
+
+def _gram(rx, ry, mode):
     K = None
     for a, b in zip(rx, ry):
         if isinstance(a, KronRecord) and a.L == 1:
@@ -380,6 +774,12 @@ def gram(rx, ry, mode="trace"):
 
 def self_gram(rx, mode="trace"):
     """The diagonal ``K(x, x)``: (n,) for "trace", (n, m, m) for "full"."""
+    if isinstance(rx, DeferredRecords):
+        return torch.cat([_self_gram(r, mode) for _, _, r in rx.chunks()])
+    return _self_gram(rx, mode)
+
+
+def _self_gram(rx, mode):
     K = None
     for a in rx:
         if isinstance(a, KronRecord) and a.L == 1:
@@ -409,6 +809,10 @@ def project(records, projector, out=None):
     if out is None:
         n, m = records_shape(records)
         out = torch.zeros(n, m, projector.k, device=projector.device, dtype=projector.dtype)
+    if isinstance(records, DeferredRecords):
+        for i0, i1, recs in records.chunks():
+            project(recs, projector, out=out[i0:i1])
+        return out
     for r in records:
         if isinstance(r, KronRecord) and projector.kind in STRUCTURED:
             if _dense_cheaper(r):  # form the gradient, then project it
@@ -426,6 +830,8 @@ _HYBRID_MAX_P = 2**16
 
 def records_shape(records):
     """``(n_samples, n_outputs)`` of a batch of gradient records."""
+    if isinstance(records, DeferredRecords):
+        return records.n, records.m
     r0 = records[0]
     return (r0.d.shape[0], r0.d.shape[2]) if isinstance(r0, KronRecord) else tuple(r0.g.shape[:2])
 
@@ -439,7 +845,10 @@ def _dense_cheaper(r):
 
 
 def flatten(records):
-    """Per-example gradients (n, m, p), parameters in module order (weight before bias)."""
+    """Per-example gradients (n, m, p), parameters in the order of ``named_parameters()``
+    (weight before bias; a tied Parameter once, where it first appears)."""
+    if isinstance(records, DeferredRecords):
+        return torch.cat([flatten(r) for _, _, r in records.chunks()])
     parts = []
     for r in records:
         g = r.dense()

@@ -193,16 +193,49 @@ class TorchModel(BaseEstimator):
         return sel
 
     def to_tensor(self, X, name="X"):
-        """Validate ``X`` and convert it to a tensor on the model's device and dtype."""
-        X = check_input(X, name=name)
+        """Validate ``X`` and convert it to a tensor on the model's device.
+
+        Floating inputs get the model's dtype.  Integer and boolean inputs (token ids) keep
+        their dtype when the network has an ``nn.Embedding`` / ``nn.EmbeddingBag`` (they are
+        then indices); otherwise they are features and get the model's dtype too.
+        """
+        X = self._check_X(X, name)
         if hasattr(self, "input_shape_"):
             check_fitted_shape(X, self.input_shape_, name=name, estimator=type(self).__name__)
+        return self._as_tensor(X)
+
+    def _keeps_dtype(self, X):
+        """Whether ``X`` holds indices to keep as they are (integer or bool, network with an
+        embedding)."""
         if isinstance(X, torch.Tensor):
-            return X.to(device=self.device_, dtype=self.torch_dtype_)
+            index = not (X.is_floating_point() or X.is_complex())
+        else:
+            index = np.asarray(X).dtype.kind in "iub" if hasattr(X, "__array__") or isinstance(
+                X, (list, tuple)) else False
+        if not index:
+            return False
+        net = self.module_ if hasattr(self, "module_") else self.module
+        return isinstance(net, torch.nn.Module) and any(
+            isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) for m in net.modules()
+        )
+
+    def _check_X(self, X, name="X"):
+        if self._keeps_dtype(X):  # validated without the cast to floating point
+            if not isinstance(X, torch.Tensor):
+                X = np.asarray(X)
+            return check_input(X, name=name, dtype=X.dtype)
+        return check_input(X, name=name)
+
+    def _as_tensor(self, X):
+        dtype = None if self._keeps_dtype(X) else self.torch_dtype_
+        if isinstance(X, torch.Tensor):
+            return X.to(device=self.device_, dtype=dtype)
         X = np.ascontiguousarray(X)
         if any(st < 0 for st in X.strides):  # e.g. a one-row reversed slice counts as contiguous
             X = X.copy()
-        return torch.as_tensor(X, dtype=self.torch_dtype_, device=self.device_)
+        if not X.flags.writeable:  # torch refuses read-only memory
+            X = X.copy()
+        return torch.as_tensor(X, dtype=dtype, device=self.device_)
 
     def _materialise(self, net, X):
         # Lazy parameters are created in the model's dtype/device and initialised from
@@ -211,7 +244,8 @@ class TorchModel(BaseEstimator):
             net.to(device=self.device_, dtype=self.torch_dtype_)
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed_from_random_state(self.random_state))
-                net.eval()(X[:1].to(device=self.device_, dtype=self.torch_dtype_))
+                dtype = self.torch_dtype_ if X.is_floating_point() else None  # ids stay ids
+                net.eval()(X[:1].to(device=self.device_, dtype=dtype))
 
     def encode_y(self, y, n):
         """Targets as the tensor the loss takes: class indices (long) or float outputs (n, m).
@@ -266,11 +300,8 @@ class TorchModel(BaseEstimator):
         ``random_state`` gives the same trained network.
         """
         self._check_params()
-        X = check_input(X)
-        if not isinstance(X, torch.Tensor):
-            X = np.asarray(X)
-            X = X if X.flags.writeable else X.copy()  # torch refuses read-only memory
-        Xt = torch.as_tensor(X).to(device=self.device_, dtype=self.torch_dtype_)
+        X = self._check_X(X)
+        Xt = self._as_tensor(X)
         seed = seed_from_random_state(self.random_state)
         src = self.module_ if (self.warm_start and hasattr(self, "module_")) else self.module
         net = copy.deepcopy(src)
