@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.utils import ClassifierTags, RegressorTags
@@ -18,6 +17,7 @@ from sklearn.utils.validation import column_or_1d
 
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
+from .outputs import task_loss
 from .projection import Projector
 from .training import copy_callbacks, train_module
 
@@ -279,11 +279,7 @@ class TorchModel(BaseEstimator):
     def loss_fn(self, z, y):
         """Per-example training loss (n,) of outputs ``z`` (n, C) against encoded targets ``y``
         (cross-entropy, binary cross-entropy for one logit, half squared error for regression)."""
-        if self.task == "regression":
-            return 0.5 * ((z - y.reshape(z.shape)) ** 2).sum(-1)
-        if z.shape[-1] == 1:
-            return F.binary_cross_entropy_with_logits(z[:, 0], y.to(z.dtype), reduction="none")
-        return F.cross_entropy(z, y, reduction="none")
+        return task_loss(self.task, z, y)
 
     @property
     def n_outputs_(self):

@@ -23,6 +23,7 @@ import numbers
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import gradients as _grad
 
@@ -178,6 +179,17 @@ class LogitOutput(ModelOutput):
         return f"LogitOutput(cls={self.cls!r})"
 
 
+def task_loss(task, z, y):
+    """Per-example training loss (n,) of a ``task`` ("classification" / "regression") model's
+    outputs ``z`` (n, C) against encoded targets ``y``: cross-entropy (binary cross-entropy for
+    one logit) or half the squared error."""
+    if task == "regression":
+        return 0.5 * ((z - y.reshape(z.shape)) ** 2).sum(-1)
+    if z.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(z[:, 0], y.to(z.dtype), reduction="none")
+    return F.cross_entropy(z, y, reduction="none")
+
+
 class LossOutput(ModelOutput):
     """The model's own per-example training loss ``loss(z, y)`` (:meth:`TorchModel.loss_fn`).
 
@@ -187,11 +199,10 @@ class LossOutput(ModelOutput):
     """
 
     def check(self, model):
-        self._loss = model.loss_fn
         self._task = model.task
 
     def __call__(self, z, y):
-        return self._loss(z, y)
+        return task_loss(getattr(self, "_task", "classification"), z, y)
 
     def predict_y(self, model, zs):
         if getattr(self, "_task", "classification") == "regression":
@@ -200,11 +211,6 @@ class LossOutput(ModelOutput):
 
     def describe(self):
         return {"type": "loss"}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_loss", None)  # a bound method of the model: re-attached by check()
-        return state
 
 
 class CallableOutput(ModelOutput):

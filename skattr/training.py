@@ -67,9 +67,18 @@ class TrajectoryRecorder(Callback):
     Attributes
     ----------
     checkpoints_ : list of (step, state_dict)
+    checkpoint_lrs_ : list of float
+        The learning rate of the step before each checkpoint (the first step's for the
+        initial checkpoint): TracIn's ``eta`` of that checkpoint.
+    optimizer_states_ : list of dict
+        The optimizer's ``state_dict()`` at each checkpoint (momentum buffers included),
+        copied to the CPU.
     lrs_ : list of float, one per step
     batches_ : list of ndarray, the training indices of each step
     losses_ : list of float, the mean mini-batch loss of each step
+    momentum_, weight_decay_ : float
+        The optimizer's settings.
+    n_train_, batch_size_ : int
     """
 
     def __init__(self, checkpoint_every="epoch"):
@@ -78,9 +87,12 @@ class TrajectoryRecorder(Callback):
     def _save(self, state):
         sd = {k: v.detach().to("cpu", copy=True) for k, v in state.module.state_dict().items()}
         self.checkpoints_.append((state.step, sd))
+        self.checkpoint_lrs_.append(state.lr if state.step > 0 else None)  # step 0: set below
+        self.optimizer_states_.append(_to_cpu(state.optimizer.state_dict()))
 
     def on_train_begin(self, state):
         self.checkpoints_, self.lrs_, self.batches_, self.losses_ = [], [], [], []
+        self.checkpoint_lrs_, self.optimizer_states_ = [], []
         self.momentum_, self.weight_decay_ = (
             state.optimizer.param_groups[0]["momentum"],
             state.optimizer.param_groups[0]["weight_decay"],
@@ -90,6 +102,8 @@ class TrajectoryRecorder(Callback):
 
     def on_batch_end(self, state):
         self.lrs_.append(state.lr)
+        if self.checkpoint_lrs_ and self.checkpoint_lrs_[0] is None:
+            self.checkpoint_lrs_[0] = state.lr
         self.batches_.append(np.asarray(state.batch_indices))
         self.losses_.append(state.loss)
         ce = self.checkpoint_every
@@ -99,6 +113,23 @@ class TrajectoryRecorder(Callback):
     def on_epoch_end(self, state):
         if self.checkpoint_every == "epoch":
             self._save(state)
+
+
+    def tracin_checkpoints(self, include_initial=False):
+        """``[(state_dict, learning_rate), ...]`` for :class:`skattr.estimators.TracIn`
+        (the checkpoints after the initial one, unless ``include_initial``)."""
+        pairs = [(sd, lr) for (_, sd), lr in zip(self.checkpoints_, self.checkpoint_lrs_)]
+        return pairs if include_initial else pairs[1:]
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _lr_at(lr, schedule, step, total):

@@ -1,12 +1,16 @@
 """Kernel and attribution estimators, one module per method family."""
 
+from .base import BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
+from .tracin import TracIn
 from .trak import TRAK
 
 __all__ = [
+    "BaseAttributor",
     "TRAK",
+    "TracIn",
     "ConceptProbe",
     "remove_and_retrain",
     "LossKernel",

@@ -138,9 +138,17 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             seed=projection_seed(self._seed, j), method=self.method, batch_size=self.batch_size,
         )
 
+    def _prediction_models(self):
+        """The models whose (averaged) predictions label unlabelled samples."""
+        return self.models_
+
     def _labels(self, models, X, y):
-        """Encoded targets per model for (X, y); y=None: the models' own predictions."""
-        return encode_targets(models, self.output_, X, y, self.batch_size)
+        """Encoded targets per model for (X, y); y=None: the predictions of
+        :meth:`_prediction_models` (TRAK: the ensemble's; TracIn: the trained network's)."""
+        if y is not None or not hasattr(self, "models_"):
+            return encode_targets(models, self.output_, X, y, self.batch_size)
+        yt = encode_targets(self._prediction_models(), self.output_, X, None, self.batch_size)[0]
+        return [yt.to(m.device_) for m in models]
 
     def _check_fit_input(self, X, y):
         if not isinstance(self.model, TorchModel):
