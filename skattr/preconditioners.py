@@ -69,8 +69,9 @@ class Preconditioner:
         self.n_, self.k_ = int(features.n_rows), int(features.dim)
         return self
 
-    def apply(self, G):
-        """``G M`` for target features ``G`` (t, k)."""
+    def apply(self, G, features=None, m=0):
+        """``G M`` for target features ``G`` (t, k) (``features``: model ``m``'s training
+        features, for solvers that need them)."""
         return G
 
     def scores(self, G, features, m, S, first=True):
@@ -247,16 +248,35 @@ class RidgeGaussNewton(Preconditioner):
     def _factor(self):
         return torch.from_numpy(self.cholesky_).to(self.device)
 
-    def apply(self, G):
-        """``G (Phi^T Phi + lambda I)^{-1}`` (primal solver only)."""
-        if self.solver_ != "primal":
-            raise ValueError("apply() needs the primal (k x k) system; this one is n x n.")
-        L = self._factor()
-        return _solve_right(G.to(L.dtype), L)
+    def apply(self, G, features=None, m=0):
+        """``G (Phi^T Phi + lambda I)^{-1}``.
 
-    def get_x_xtx_inv(self, G):
+        The dual solver uses the push-through identity ``(Phi^T Phi + lambda I)^{-1} =
+        (I - Phi^T (Phi Phi^T + lambda I)^{-1} Phi) / lambda`` and needs the training
+        ``features`` of model ``m`` and ``lambda > 0``.
+        """
+        L = self._factor()
+        if self.solver_ == "primal":
+            return _solve_right(G.to(L.dtype), L)
+        if features is None or self.lambda_ == 0.0:
+            raise ValueError(
+                "Preconditioning target features with the dual (n x n) system needs the training "
+                "features and ridge > 0."
+            )
+        wide = self.product_dtype(features)
+        G = G.to(torch.float64)
+        B = torch.empty(G.shape[0], self.n_, dtype=wide, device=G.device)
+        for r0, r1, F, _ in features.iter_blocks(m):
+            B[:, r0:r1] = G.to(wide) @ as_tensor(F, self.device, wide).T
+        C = _solve_right(B.to(L.dtype), L).to(torch.float64)  # G Phi^T (Phi Phi^T + l I)^-1
+        out = G.clone()
+        for r0, r1, F, _ in features.iter_blocks(m):
+            out -= C[:, r0:r1] @ as_tensor(F, self.device, torch.float64)
+        return out / self.lambda_
+
+    def get_x_xtx_inv(self, G, features=None, m=0):
         """traker's name for :meth:`apply`."""
-        return self.apply(G)
+        return self.apply(G, features, m)
 
     def scores(self, G, features, m, S, first=True):
         if self.solver_ == "primal":

@@ -40,7 +40,7 @@ from ..preconditioners import Identity, as_tensor
 from ..projection import KINDS
 from ..store import FeatureStore, MemoryStore
 
-__all__ = ["BaseAttributor", "TopK"]
+__all__ = ["AttributionKernel", "BaseAttributor", "TopK"]
 
 
 class TopK(NamedTuple):
@@ -281,10 +281,10 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         preconditioned and pairs them with :class:`~skattr.preconditioners.Identity`)."""
         return self._raw_rows(j, X, y_enc)
 
-    def _preconditioned_rows(self, j, X, y_enc):
-        """``phi_j(X) M_j`` as a float64 tensor (t, k)."""
-        G = as_tensor(self._raw_rows(j, X, y_enc), self._device, torch.float64)
-        return self.preconditioners_[j].apply(G).to(torch.float64)
+    def _preconditioned_rows(self, j, X, y_enc, raw=None):
+        """``phi_j(X) M_j`` as a float64 tensor (t, k) (``raw``: ``phi_j(X)`` if known)."""
+        G = raw if raw is not None else as_tensor(self._raw_rows(j, X, y_enc), self._device, torch.float64)
+        return self.preconditioners_[j].apply(G, self._features, j).to(torch.float64)
 
     def attribute(self, X, y=None):
         """Scores of every training example for each sample of ``X``.
@@ -377,8 +377,71 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         K = None
         for j in range(len(self.models_)):
             GY = as_tensor(self._raw_rows(j, Y, yY[j]), self._device, torch.float64)
-            Kj = float(self.weights_[j]) * (self._preconditioned_rows(j, X, yX[j]) @ GY.T)
+            A = self._preconditioned_rows(j, X, yX[j], raw=GY if same else None)
+            Kj = float(self.weights_[j]) * (A @ GY.T)
             K = Kj if K is None else K + Kj
         if same:
             K = 0.5 * (K + K.T)  # exact symmetry (the two products round differently)
         return K.cpu().numpy()
+
+
+class AttributionKernel(TransformerMixin, BaseEstimator):
+    """An attributor as a kernel transformer: ``transform(X) = attributor.kernel(X, X_fit)``.
+
+    ``fit(X, y)`` fits the attributor on ``(X, y)`` and keeps ``X`` as the reference set;
+    ``transform(X)`` returns the symmetric kernel the attribution defines
+    (:meth:`BaseAttributor.kernel`) between ``X`` and the reference set, so
+    ``fit_transform(X)`` is a Gram matrix and ``make_pipeline(AttributionKernel(TRAK(m)),
+    SVC(kernel="precomputed"))`` or :class:`~skattr.surrogates.KernelSurrogate` (which wraps
+    attributors in it) compare with the eNTK kernels drop-in.
+
+    Parameters
+    ----------
+    attributor : BaseAttributor
+        E.g. ``TRAK(model)``, ``TracIn(model)``, ``InfluenceFunction(model)``.
+
+    Attributes
+    ----------
+    attributor_ : BaseAttributor
+        The fitted attributor.
+    model_ : TorchModel
+        The network (its predictions are the surrogate's targets).
+    n_features_in_, input_shape_ : as the attributor's.
+    """
+
+    _parameter_constraints = {"attributor": [BaseAttributor]}
+
+    def __init__(self, attributor):
+        self.attributor = attributor
+
+    @property
+    def model(self):
+        return self.attributor.model
+
+    def fit(self, X, y=None):
+        self._validate_params()
+        self.attributor_ = clone(self.attributor)
+        if y is None and self.attributor_._fit_needs_y:
+            y = self.attributor_.model.predict(X)
+        self.attributor_.fit(X, y)
+        self.X_fit_ = check_input(X)
+        a = self.attributor_
+        self.model_ = getattr(a, "model_", a.model)
+        self.n_features_in_, self.input_shape_ = a.n_features_in_, a.input_shape_
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "attributor_")
+        return self.attributor_.kernel(X, self.X_fit_)
+
+    def fit_transform(self, X, y=None):
+        return self.fit(X, y).attributor_.kernel(X)
+
+    def __sklearn_clone__(self):
+        return type(self)(clone(self.attributor))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        tags.non_deterministic = False
+        return tags

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from sklearn.utils._param_validation import StrOptions
 
 from ..ensemble import load_member
@@ -38,9 +39,10 @@ class TracIn(BaseAttributor):
         The network (its architecture and settings; the weights attributed are the
         checkpoints').  With ``checkpoints=None`` it must have been fitted with a
         :class:`~skattr.TrajectoryRecorder` in its ``callbacks``.
-    checkpoints : None, TrajectoryRecorder or list of (state_dict, learning_rate), default=None
+    checkpoints : None, "train", TrajectoryRecorder or list of (state_dict, learning_rate), default=None
         The checkpoints ``theta_t`` and their learning rates ``eta_t``.  ``None`` takes the
-        recorder in ``model.callbacks_``; a recorder gives its checkpoints after the initial one
+        recorder in ``model.callbacks_``; ``"train"`` trains a clone of ``model`` on the
+        training set given to :meth:`fit` with a recorder added (``model_``); a recorder gives its checkpoints after the initial one
         with the learning rate of the step before each
         (:meth:`TrajectoryRecorder.tracin_checkpoints`).  In a list each state dict may also be
         a fitted TorchModel, an ``nn.Module`` or a path saved with ``torch.save``.
@@ -61,6 +63,9 @@ class TracIn(BaseAttributor):
     ----------
     models_ : list of TorchModel
         One model per checkpoint.
+    model_ : TorchModel
+        The trained network whose predictions label unlabelled samples (``model``, or its
+        trained clone with ``checkpoints="train"``).
     learning_rates_ : ndarray of shape (n_checkpoints,)
         ``eta_t`` (also ``weights_``).
     preconditioners_ : list of Identity
@@ -87,7 +92,7 @@ class TracIn(BaseAttributor):
 
     _parameter_constraints = {
         **BaseAttributor._parameter_constraints,
-        "checkpoints": [list, tuple, TrajectoryRecorder, None],
+        "checkpoints": [list, tuple, TrajectoryRecorder, StrOptions({"train"}), None],
         "last_layer": ["boolean"],
         "output": [StrOptions({"loss", "margin", "logit"}), numbers.Integral, callable],
     }
@@ -126,10 +131,16 @@ class TracIn(BaseAttributor):
     def _member_names(self):
         return {"name": "checkpoints", "kind": "Checkpoint"}
 
-    def _checkpoint_pairs(self):
+    def _checkpoint_pairs(self, X, y):
         ck = self.checkpoints
+        self.model_ = self.model
+        if isinstance(ck, str):  # "train"
+            cbs = [cb for cb in (self.model.callbacks or []) if not isinstance(cb, TrajectoryRecorder)]
+            self.model_ = clone(self.model).set_params(callbacks=[*cbs, TrajectoryRecorder()])
+            self.model_.fit(X, y)
+            ck = None
         if ck is None:
-            recs = [cb for cb in getattr(self.model, "callbacks_", []) or []
+            recs = [cb for cb in getattr(self.model_, "callbacks_", []) or []
                     if isinstance(cb, TrajectoryRecorder) and hasattr(cb, "checkpoints_")]
             if not recs:
                 raise ValueError(
@@ -172,10 +183,10 @@ class TracIn(BaseAttributor):
         return f"{names[-1]}.weight" if names[-1] else "weight"
 
     def _fit_models(self, X, y):
-        pairs = self._checkpoint_pairs()
+        pairs = self._checkpoint_pairs(X, y)
         models = []
         for i, (sd, _) in enumerate(pairs):
-            m = load_member(self.model, sd, f"checkpoints[{i}]")
+            m = load_member(self.model_, sd, f"checkpoints[{i}]")
             if self.last_layer:
                 m.set_params(params=self._last_weight(m))
             models.append(m)
@@ -184,7 +195,7 @@ class TracIn(BaseAttributor):
 
     def _prediction_models(self):
         # unlabelled samples are attributed at the trained network's prediction
-        return [self.model]
+        return [self.model_]
 
     def _model_weights(self):
         return self.learning_rates_
