@@ -19,6 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .. import gradients as _grad
+from .._checks import check_features, check_outputs, check_parameters, nonfinite_rows
 from .._linalg import sym_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..cache import FeatureCache, gather_rows
@@ -28,6 +29,12 @@ from ..projection import KINDS, Projector
 __all__ = ["TraceNTK", "PseudoNTK", "EmpiricalNTK", "GradCosKernel", "EmbeddingKernel"]
 
 _EPS = 1e-30
+
+_OVERFLOW_HINT = (
+    "The network's outputs are finite, so the backward pass overflows: the inputs are too large "
+    "for the model's dtype (squared gradient norms pass float32's 3e38 once entries pass ~1e19). "
+    "Rescale the inputs, or use TorchModel(dtype='float64')."
+)
 
 
 def _progress(iterable, total, verbose, desc):
@@ -77,6 +84,31 @@ class _BaseKernel(TransformerMixin, BaseEstimator):
         # A private copy: later changes to the user's model cannot silently change this kernel.
         self.model_ = copy.deepcopy(self.model)
         self.model_.prepare(X[:1])
+        self._check_network(X)
+
+    # the kernel is one of the network's outputs (a softmax last layer is worth a warning)
+    _checks_logits = True
+
+    def _check_network(self, X):
+        """Finite weights, and finite logits (not probabilities) on the first chunk of ``X``."""
+        where = f"{type(self).__name__}.fit"
+        check_parameters(self.model_.network(), where=where)
+        if self._checks_logits:
+            n = min(X.shape[0], int(self.batch_size or self.model_.batch_size_eval))
+            z = self.model_.logits(X[:n])
+            check_outputs(z, where=where, task=self.model_.task)
+
+    def _diagnose(self, F, Xt, i0, what, where, hint=""):
+        """Raise a ``FloatingPointError`` naming why the rows of ``F`` (a result for the samples
+        ``Xt``, numbered from ``i0``) that hold a NaN or an infinity are not finite: the
+        network's outputs if those are not finite, else ``what``.  Returns if ``F`` is finite."""
+        bad = nonfinite_rows(F)
+        if not bad.size:
+            return
+        if Xt is not None:
+            check_outputs(self.model_.logits(Xt[bad]), where=where, warn_probabilities=False,
+                          rows=i0 + bad)
+        check_features(F, where=where, what=what, rows=np.arange(i0, i0 + F.shape[0]), hint=hint)
 
     def _chunks(self, n):
         bs = int(self.batch_size or self.model_.batch_size_eval)
@@ -252,8 +284,19 @@ class _GradientKernel(_BaseKernel):
             F, self._fit_hashes = self._features(Xt, yt)
             self._feats, self._feats_src = self._scale(F), None
             self.fit_diag_ = self._feat_self(self._feats)
+        self._check_rows(self.fit_diag_, Xt, 0, f"{type(self).__name__}.fit")
         self.n_fit_ = int(Xt.shape[0])
         return self
+
+    def _what(self):
+        return "the per-example loss gradients" if self._output == "loss" else "the per-example gradients"
+
+    def _check_rows(self, d, Xt, i0, where, what=None):
+        """Raise a ``FloatingPointError`` naming the cause when ``d`` (per-sample squared norms or
+        kernel rows of the samples ``Xt``, numbered from ``i0``) holds a NaN or an infinity."""
+        if not bool(torch.isfinite(d).all()):
+            self._diagnose(d, Xt, i0, what or f"{self._what()} (or their squared norms)", where,
+                           _OVERFLOW_HINT)
 
     @property
     def features_(self):
@@ -305,10 +348,11 @@ class _GradientKernel(_BaseKernel):
             return A.flatten(1) @ B.flatten(1).T
         return torch.einsum("nmk,Nok->nNmo", A, B)
 
-    def _kernel_chunks(self, X):
+    def _kernel_chunks(self, X, y=None):
         """Yield (i0, i1, K_chunk, diag_chunk) of the unnormalised kernel against the fit set.
 
-        ``X=None`` is the fit set itself, from the stored features or gradient factors.
+        ``X=None`` is the fit set itself, from the stored features or gradient factors; ``y``
+        the labels of ``X``'s rows (Grad-Cos with ``labels="given"``), default predicted.
         """
         if X is None:
             if self.projection_dim is not None:
@@ -341,7 +385,7 @@ class _GradientKernel(_BaseKernel):
                 i0 = i1
             return
         Xt = self.model_.to_tensor(X)
-        yt = self._labels(Xt, None)
+        yt = self._labels(Xt, y)
         if self.projection_dim is not None:
             # with a cached Gram the rows' features are not needed: cache them, then look up
             F, hx = self._features(Xt, yt, gather=self.memory is None or self._mode != "trace")
@@ -373,14 +417,31 @@ class _GradientKernel(_BaseKernel):
         tf = torch.diagonal(df, dim1=-2, dim2=-1).sum(-1)
         return K / torch.sqrt(torch.clamp(tx[:, None] * tf[None, :], min=_EPS))[:, :, None, None]
 
-    def _transform_tensor(self, X):
+    def _checked_chunks(self, X, y=None, where="transform"):
+        """``_kernel_chunks`` with every chunk's self-kernel and kernel checked for NaN/inf."""
+        where = f"{type(self).__name__}.{where}"
+        Xt = None
+        for i0, i1, K, dx in self._kernel_chunks(X, y):
+            if X is not None and not (bool(torch.isfinite(dx).all()) and bool(torch.isfinite(K).all())):
+                Xt = self.model_.to_tensor(X) if Xt is None else Xt
+                self._check_rows(dx, Xt[i0:i1], i0, where)
+                self._check_rows(K, Xt[i0:i1], i0, where, what=f"the kernel rows (from {self._what()})")
+            elif X is None:
+                self._check_rows(K, None, i0, where, what=f"the kernel rows (from {self._what()})")
+            yield i0, i1, K, dx
+
+    def _transform_tensor(self, X, y=None):
         parts = []
-        for _, _, K, dx in self._kernel_chunks(X):
+        for _, _, K, dx in self._checked_chunks(X, y):
             parts.append(self._normalize(K, dx) if self.normalize else K)
         return torch.cat(parts)
 
     def transform(self, X):
-        """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit)."""
+        """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit).
+
+        Raises ``FloatingPointError`` naming the cause (the network's outputs, or its
+        gradients) when the kernel would hold a NaN or an infinity.
+        """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         return self._format(self._transform_tensor(X))
@@ -389,14 +450,14 @@ class _GradientKernel(_BaseKernel):
         return self._to_numpy(K)
 
     def fit_transform(self, X, y=None):
-        """``fit(X, y).transform(X)``, reusing the reference set's gradients instead of computing
-        them twice (what a :class:`~sklearn.pipeline.Pipeline` calls when it fits)."""
+        """The training block ``K(X, X)``: ``fit(X, y).transform(X)``, reusing the reference
+        set's gradients instead of computing them twice (what a
+        :class:`~sklearn.pipeline.Pipeline` calls when it fits).
+
+        Every sample stands for the same point on both sides (for Grad-Cos: the same label,
+        see ``labels``), so the result is a symmetric positive semi-definite Gram matrix.
+        """
         self.fit(X, y)
-        if y is not None:  # transform(X) uses the network's labels: reuse only if they agree
-            Xt = self.model_.to_tensor(X)
-            yt = self._labels(Xt, y)
-            if yt is not None and not torch.equal(yt, self._labels(Xt, None)):
-                return self.transform(X)
         return self._format(self._transform_tensor(None))
 
     def diagonal(self, X):
@@ -404,7 +465,7 @@ class _GradientKernel(_BaseKernel):
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         out = []
-        for _, _, _, dx in self._kernel_chunks(X):
+        for _, _, _, dx in self._checked_chunks(X, where="diagonal"):
             d = dx if self._mode == "trace" else torch.diagonal(dx, dim1=-2, dim2=-1).sum(-1)
             out.append(torch.ones_like(d) if self.normalize else d)
         return self._to_numpy(torch.cat(out))
@@ -421,8 +482,10 @@ class _GradientKernel(_BaseKernel):
         X = self._validate(X, reset=False)
         Xt = self.model_.to_tensor(X)
         F = self._scale(self._features(Xt, self._labels(Xt, None))[0])
+        norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
+        self._check_rows(norms, Xt, 0, f"{type(self).__name__}.feature_map",
+                         what=f"the projected features (from {self._what()})")
         if self.normalize:
-            norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
             F = F / torch.clamp(norms, min=math.sqrt(_EPS))[:, None, None]
         return self._to_numpy(F.flatten(1))
 
@@ -580,14 +643,38 @@ class EmpiricalNTK(TraceNTK):
 
 
 class GradCosKernel(TraceNTK):
-    """Grad-Cos: the cosine of per-example loss gradients, ``cos(grad l(x), grad l(x'))``.
+    """Grad-Cos: the cosine of per-example loss gradients, ``cos(grad l(x, c), grad l(x', c'))``.
 
-    The loss is taken at the label given to ``fit`` for the reference set and at the network's
-    predicted label for samples passed to ``transform`` (their labels are unknown in a pipeline).
-    Parameters as :class:`TraceNTK` (``normalize=False`` gives the raw inner product).
+    The loss gradient depends on a label, so the kernel is one on (sample, label) pairs; which
+    label each sample stands for is the same rule on both sides of the kernel, so that the
+    training block ``fit_transform(X, y)`` is a symmetric positive semi-definite Gram matrix
+    (what ``make_pipeline(GradCosKernel(model), SVC(kernel="precomputed")).fit(X, y)`` feeds
+    the SVC):
+
+    - ``labels="predicted"`` (default): every sample at the network's predicted label, in
+      ``fit`` and in ``transform``.  ``y`` given to ``fit`` is checked against the network's
+      classes but not used: the kernel is a function of the inputs alone, and
+      ``fit(X, y).transform(X)`` equals ``fit_transform(X, y)``.
+    - ``labels="given"``: each sample at the label given with it, ``fit(X, y)`` for the
+      reference set and ``transform(X, y)`` for the rows; a sample given without a label (a
+      pipeline's test points, whose labels are unknown) at the network's predicted label.
+      ``fit_transform(X, y)`` equals ``fit(X, y).transform(X, y)``, the Gram matrix of the
+      (sample, given label) pairs; the usual convention of data attribution (training points'
+      loss gradients at their own labels).
+
+    Parameters
+    ----------
+    model : TorchModel
+        A classifier (for a regression network the loss gradient at its own prediction is 0).
+    labels : {"predicted", "given"}, default="predicted"
+        The labelling rule above.
+    normalize : bool, default=True
+        ``False`` gives the raw inner product of loss gradients.
+    Other parameters as :class:`TraceNTK`.
 
     Examples
     --------
+    >>> import numpy as np
     >>> import torch
     >>> from skattr import TorchModel
     >>> from skattr.estimators import GradCosKernel
@@ -595,9 +682,37 @@ class GradCosKernel(TraceNTK):
     >>> X, y = torch.randn(10, 4).numpy(), [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
     >>> GradCosKernel(TorchModel(net)).fit(X, y).transform(X).shape
     (10, 10)
+    >>> K = GradCosKernel(TorchModel(net), labels="given").fit_transform(X, y)
+    >>> bool(np.allclose(K, K.T)), bool(np.linalg.eigvalsh(K).min() > -1e-6)
+    (True, True)
     """
 
     _output = "loss"
+    _parameter_constraints = {
+        **TraceNTK._parameter_constraints,
+        "labels": [StrOptions({"predicted", "given"})],
+    }
+
+    def __init__(
+        self,
+        model,
+        *,
+        labels="predicted",
+        projection_dim=None,
+        projection="factored",
+        normalize=True,
+        method="auto",
+        batch_size=None,
+        memory=None,
+        random_state=0,
+        verbose=0,
+    ):
+        super().__init__(
+            model, projection_dim=projection_dim, projection=projection, normalize=normalize,
+            method=method, batch_size=batch_size, memory=memory, random_state=random_state,
+            verbose=verbose,
+        )
+        self.labels = labels
 
     def _labels(self, Xt, y):
         model = self.model_
@@ -608,10 +723,52 @@ class GradCosKernel(TraceNTK):
                 "GradCosKernel needs a classification model: for regression the loss gradient at "
                 "the model's own prediction (used for samples passed to transform) is zero."
             )
-        if y is None:
-            z = model.logits(Xt)
-            return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
-        return model.encode_y(np.asarray(y), Xt.shape[0])
+        if y is not None:
+            yt = model.encode_y(np.asarray(y), Xt.shape[0])  # labels must be the network's
+            if self.labels == "given":
+                return yt
+        z = model.logits(Xt)
+        return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
+
+    def fit(self, X, y=None):
+        """Store the reference set ``X`` at the labels the ``labels`` rule gives it.
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, ...)
+        y : array-like of shape (n_samples,), default=None
+            The reference labels, checked against the network's classes; used only with
+            ``labels="given"`` (without them, the network's predicted labels).
+
+        Returns
+        -------
+        self : GradCosKernel
+        """
+        return super().fit(X, y)
+
+    def transform(self, X, y=None):
+        """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit).
+
+        Parameters
+        ----------
+        X : array-like or tensor of shape (n_samples, ...)
+        y : array-like of shape (n_samples,), default=None
+            With ``labels="given"``: the labels of the rows (default: the network's predicted
+            labels).  Refused with ``labels="predicted"``, where every row is at its predicted
+            label.
+
+        Returns
+        -------
+        K : ndarray of shape (n_samples, n_fit)
+        """
+        check_is_fitted(self)
+        if y is not None and self.labels != "given":
+            raise ValueError(
+                "GradCosKernel.transform takes y only with labels='given'; with "
+                f"labels={self.labels!r} every row is at the network's predicted label."
+            )
+        X = self._validate(X, reset=False)
+        return self._format(self._transform_tensor(X, y))
 
 
 class EmbeddingKernel(_BaseKernel):
@@ -653,10 +810,20 @@ class EmbeddingKernel(_BaseKernel):
         self.batch_size = batch_size
         self.verbose = verbose
 
-    def _embed(self, X):
+    # the kernel does not depend on the network's outputs: no softmax warning
+    _checks_logits = False
+
+    def _embed(self, X, where):
         E = self.model_.embeddings(X, self.layer, batch_size=self.batch_size)
+        what = f"the embeddings (inputs of layer {self.layer or self.model_.embedding_layer()!r})"
+        where = f"{type(self).__name__}.{where}"
+        hint = ("The inputs overflow the network or the embeddings' squared norms overflow the "
+                "model's dtype: rescale the inputs, or use TorchModel(dtype='float64').")
+        check_features(E, where=where, what=what, hint=hint)
+        norms = torch.linalg.vector_norm(E, dim=1, keepdim=True)
+        check_features(norms, where=where, what=f"the norms of {what}", hint=hint)
         if self.normalize:
-            E = E / torch.clamp(E.norm(dim=1, keepdim=True), min=math.sqrt(_EPS))
+            E = E / torch.clamp(norms, min=math.sqrt(_EPS))
         return E
 
     def fit(self, X, y=None):
@@ -664,7 +831,7 @@ class EmbeddingKernel(_BaseKernel):
         self._validate_params()
         X = self._validate(X, reset=True)
         self._fit_model(X)
-        self.embeddings_ = self._embed(X)
+        self.embeddings_ = self._embed(X, "fit")
         self.n_fit_ = int(X.shape[0])
         return self
 
@@ -672,4 +839,8 @@ class EmbeddingKernel(_BaseKernel):
         """Kernel ``K(X, X_fit)`` of shape (n_samples, n_fit)."""
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        return self._to_numpy(self._embed(X) @ self.embeddings_.T)
+        K = self._embed(X, "transform") @ self.embeddings_.T
+        check_features(K, where=f"{type(self).__name__}.transform", what="the kernel rows",
+                       hint="The embeddings' inner products overflow the model's dtype: use "
+                       "normalize=True, or TorchModel(dtype='float64').")
+        return self._to_numpy(K)
