@@ -73,11 +73,14 @@ class _Block:
 
 
 def _record_names(key):
-    """Parameter names a record covers: ``"fc.weight+bias"`` -> ``fc.weight``, ``fc.bias``."""
+    """Parameter names a record covers: ``"fc.weight+bias"`` -> ``fc.weight``, ``fc.bias`` (the
+    structured engine keys a root module's record ``".weight+bias"``)."""
     if key.endswith("+bias"):
         w = key[: -len("+bias")]
-        return (w, w[: -len("weight")] + "bias")
-    return (key,)
+        names = (w, w[: -len("weight")] + "bias")
+    else:
+        names = (key,)
+    return tuple(n[1:] if n.startswith(".") else n for n in names)
 
 
 def record_chunks(records):

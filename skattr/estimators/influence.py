@@ -268,8 +268,11 @@ class InfluenceFunction(BaseAttributor):
                     raise ValueError("The loss gradients contain NaN or infinity.")
                 yield i0 + c0, i0 + c1, rc, G
 
-    def _preconditioned_rows(self, j, X, y_enc):
-        """``P (H + damping I)^{-1} grad l(x) / sqrt(k)`` (or unprojected), float64 (t, k)."""
+    def _preconditioned_rows(self, j, X, y_enc, raw=None):
+        """``P (H + damping I)^{-1} grad l(x) / sqrt(k)`` (or unprojected), float64 (t, k).
+
+        ``raw`` (the projected features of ``X``, when the caller has them) is not used: the
+        solver needs the exact gradients."""
         t = int(X.shape[0])
         fz = self._featurizer(j)
         proj = fz.projector()
