@@ -14,6 +14,7 @@ __all__ = [
     "load_digits_images",
     "flip_labels",
     "make_multitask",
+    "make_multitask_subspaces",
     "make_hierarchy",
     "tree_distance",
     "DIGIT_GROUPS",
@@ -190,6 +191,96 @@ def make_multitask(
         order = rng.permutation(n_samples)
         X, y, task = X[order], y[order], task[order]
     return X, y, task.astype(np.int64)
+
+
+def make_multitask_subspaces(
+    n_samples=600,
+    n_tasks=3,
+    n_features=24,
+    rank=3,
+    *,
+    proportions=None,
+    noise=0.0,
+    random_state=None,
+):
+    """Several nonlinear Gaussian tasks, each living in its own random subspace of the inputs.
+
+    A second multitask problem built unlike :func:`make_multitask`: continuous Gaussian inputs
+    instead of ±1 bits, *dense* features (every feature is used by every task, so neither the
+    columns nor a task code reveal the task), unequal task sizes, and a rule that is not a
+    parity.  The input space is split into ``n_tasks`` mutually orthogonal random subspaces
+    ``U_t`` (orthonormal ``n_features x rank`` bases from one QR decomposition); a sample of task
+    ``t`` is ``x = U_t z + noise * e`` with ``z ~ N(0, I_rank)``, ``e ~ N(0, I)``.  Its label is a
+    Gaussian XOR of the first two latent coordinates, ``z_0 z_1 > 0``, in the task's own pair of
+    classes (``y = 2 t + [z_0 z_1 > 0]``); the other ``rank - 2`` coordinates are distractors.
+    The tasks share no input direction, so (with ``noise=0``) a first-layer weight perturbation
+    moves the losses of one task only, and the loss kernel's theory predicts one block per
+    task.
+
+    Parameters
+    ----------
+    n_samples : int, default=600
+    n_tasks : int, default=3
+    n_features : int, default=24
+        Must be at least ``n_tasks * rank``.
+    rank : int, default=3
+        Dimension of each task's subspace (at least 2).
+    proportions : array-like of shape (n_tasks,) or None, default=None
+        Share of the samples per task (normalised); None gives unequal shares proportional to
+        ``n_tasks + 1, n_tasks, ..., 2`` (e.g. 40%, 33%, 27% for three tasks).
+    noise : float, default=0.0
+        Standard deviation of isotropic noise added to every input (it couples the tasks).
+    random_state : int, RandomState instance or None
+
+    Returns
+    -------
+    X : ndarray of float32, shape (n_samples, n_features)
+    y : ndarray of int64, shape (n_samples,)
+        ``2 * task + [z_0 z_1 > 0]``.
+    task : ndarray of int64, shape (n_samples,)
+        The task of each sample; the rows come in random order.
+
+    Examples
+    --------
+    >>> from skattr.datasets import make_multitask_subspaces
+    >>> X, y, task = make_multitask_subspaces(300, random_state=0)
+    >>> X.shape, sorted(set(task.tolist())), sorted(set(y.tolist()))
+    ((300, 24), [0, 1, 2], [0, 1, 2, 3, 4, 5])
+    """
+    for name, v, lo in (("n_samples", n_samples, 1), ("n_tasks", n_tasks, 1),
+                        ("n_features", n_features, 1), ("rank", rank, 2)):
+        if not isinstance(v, numbers.Integral) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}.")
+    if n_tasks * rank > n_features:
+        raise ValueError(
+            f"n_tasks * rank = {n_tasks * rank} orthogonal directions do not fit in "
+            f"n_features={n_features}."
+        )
+    if not (isinstance(noise, numbers.Real) and noise >= 0):
+        raise ValueError(f"noise must be a non-negative number, got {noise!r}.")
+    if proportions is None:
+        proportions = np.arange(n_tasks + 1, 1, -1, dtype=float)
+    proportions = np.asarray(proportions, dtype=float)
+    if proportions.shape != (n_tasks,) or np.any(proportions <= 0):
+        raise ValueError(
+            f"proportions must be {n_tasks} positive numbers, got {proportions.tolist()}."
+        )
+    rng = check_random_state(random_state)
+    basis, _ = np.linalg.qr(rng.normal(size=(n_features, n_tasks * rank)))
+    counts = np.floor(proportions / proportions.sum() * n_samples).astype(int)
+    counts[: n_samples - counts.sum()] += 1
+    task = np.repeat(np.arange(n_tasks), counts)
+    z = rng.normal(size=(n_samples, rank))
+    X = np.empty((n_samples, n_features))
+    for t in range(n_tasks):
+        m = task == t
+        X[m] = z[m] @ basis[:, t * rank : (t + 1) * rank].T
+    if noise:
+        X = X + noise * rng.normal(size=X.shape)
+    y = 2 * task + (z[:, 0] * z[:, 1] > 0)
+    order = rng.permutation(n_samples)
+    return (X[order].astype(np.float32), y[order].astype(np.int64),
+            task[order].astype(np.int64))
 
 
 def tree_distance(paths):

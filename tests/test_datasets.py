@@ -12,6 +12,7 @@ from skattr.datasets import (
     load_digits_images,
     make_hierarchy,
     make_multitask,
+    make_multitask_subspaces,
     tree_distance,
 )
 
@@ -120,3 +121,42 @@ def test_digit_groups_distance():
     assert D[0, 1] == 4
     with pytest.raises(ValueError, match="ungrouped"):
         digit_groups_distance({"a": (0, 1)})
+
+
+def test_multitask_subspaces_structure():
+    X, y, task = make_multitask_subspaces(300, n_tasks=3, n_features=24, rank=3, random_state=0)
+    assert X.shape == (300, 24) and X.dtype == np.float32 and y.dtype == np.int64
+    counts = np.bincount(task)
+    assert counts.tolist() == [134, 100, 66]  # unequal shares 4 : 3 : 2
+    assert np.all(y // 2 == task)  # each task has its own pair of classes
+    assert 0.3 < np.mean(y % 2) < 0.7
+    # rows of different tasks are orthogonal (disjoint subspaces), of the same task are not
+    G = X.astype(float) @ X.T.astype(float)
+    same = task[:, None] == task[None, :]
+    assert np.abs(G[~same]).max() < 1e-5
+    assert np.abs(G[same]).mean() > 0.5
+    # each task spans exactly `rank` dimensions; the tasks' rows are shuffled
+    for t in range(3):
+        assert np.linalg.matrix_rank(X[task == t], tol=1e-4) == 3
+    assert not np.all(np.diff(task) >= 0)
+    # dense features: no column is specific to one task
+    assert np.all((np.abs(X) > 1e-6).mean(0) > 0.9)
+
+
+def test_multitask_subspaces_seed_noise_and_bad_input():
+    a = make_multitask_subspaces(90, random_state=3)
+    b = make_multitask_subspaces(90, random_state=3)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    X, y, task = make_multitask_subspaces(90, proportions=[1, 1, 1], noise=0.1, random_state=0)
+    assert np.bincount(task).tolist() == [30, 30, 30]
+    G = X @ X.T
+    assert np.abs(G[task[:, None] != task[None, :]]).max() > 1e-3  # noise couples the tasks
+    with pytest.raises(ValueError, match="do not fit"):
+        make_multitask_subspaces(10, n_tasks=4, n_features=8, rank=3)
+    with pytest.raises(ValueError, match="rank"):
+        make_multitask_subspaces(10, rank=1)
+    with pytest.raises(ValueError, match="proportions"):
+        make_multitask_subspaces(10, proportions=[1, 2])
+    with pytest.raises(ValueError, match="noise"):
+        make_multitask_subspaces(10, noise=-1.0)
