@@ -104,7 +104,7 @@ def convergence(args):
         scale = inf.lissa_scale_
         print(f"| LiSSA (whole set, s = {scale:.3g}) | {it} | {rel_err(S, E):.2e} | "
               f"{pearson(S, E):.6f} | {dt:.2f} |")
-    for it in args.lissa_iters:
+    for it in args.lissa_mb_iters:
         S, dt, inf = run(solver="lissa", n_iter=it, lissa_scale=scale,
                          lissa_batch_size=args.lissa_batch)
         print(f"| LiSSA (minibatch {args.lissa_batch}) | {it} | {rel_err(S, E):.2e} | "
@@ -224,7 +224,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--damping", type=float, default=0.01)
     ap.add_argument("--cg-iters", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100, 200])
-    ap.add_argument("--lissa-iters", type=int, nargs="+", default=[10, 100, 1000, 5000])
+    ap.add_argument("--lissa-iters", type=int, nargs="+", default=[10, 100, 300, 1000])
+    ap.add_argument("--lissa-mb-iters", type=int, nargs="+", default=[10, 100, 1000, 3000])
     ap.add_argument("--lissa-batch", type=int, default=100)
     ap.add_argument("--ekfac-dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
     ap.add_argument("--kf-train", type=int, default=1500)

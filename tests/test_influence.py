@@ -53,7 +53,7 @@ def ref_hessian(net, X, y):
         z = torch.func.functional_call(net, {**ps, **buffers}, (Xt,))
         return ce(z, yt).mean()
 
-    return torch.autograd.functional.hessian(mean_loss, theta).numpy()
+    return torch.autograd.functional.hessian(mean_loss, theta, vectorize=True).numpy()
 
 
 def ref_scores(net, Xtr, ytr, Xte, yte, damping):
