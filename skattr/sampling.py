@@ -31,11 +31,20 @@ NaN or infinite is stopped, dropped from the statistics and reported with a
 :class:`SamplerDivergenceWarning`; a chain whose (smoothed) loss rises far above the starting
 loss is kept but reported with the same warning; if every chain fails, a ``FloatingPointError``
 says so and what to change.
+
+Self-checks (used by :class:`skattr.estimators.loss_kernel.LossKernel`):
+:func:`calibrate_step_size` chooses ε from short pilot chains (the largest ε on a halving ladder
+whose loss plateau no longer moves when ε is halved: the chain moves, settles, and the
+discretisation does not inflate the plateau); :func:`effective_sample_size`,
+:func:`split_rhat` and :func:`split_half_reliability` measure, from the losses of a few tracked
+points at every draw, how many independent draws a chain is worth, whether the chains agree
+and are stationary, and whether the kernel is signal or noise.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +56,13 @@ from sklearn.exceptions import ConvergenceWarning
 
 __all__ = [
     "SamplerDivergenceWarning",
+    "SamplerDiagnosticWarning",
+    "Calibration",
+    "calibrate_step_size",
+    "calibration_seed",
+    "effective_sample_size",
+    "split_rhat",
+    "split_half_reliability",
     "SGLDSettings",
     "LocalPosterior",
     "ChainResult",
@@ -64,6 +80,10 @@ class SamplerDivergenceWarning(ConvergenceWarning):
     """An SGLD chain diverged (NaN/inf loss) or wandered far above the starting loss."""
 
 
+class SamplerDiagnosticWarning(ConvergenceWarning):
+    """The draws are too few, too autocorrelated or too inconsistent for a reliable kernel."""
+
+
 def default_nbeta(batch_size):
     """devinterp's default inverse temperature ``m / ln m`` for mini-batch size ``m``."""
     m = int(batch_size)
@@ -74,6 +94,12 @@ def chain_seeds(random_state_seed, n_chains):
     """One 63-bit seed per chain: children of ``numpy.random.SeedSequence(seed)``."""
     ss = np.random.SeedSequence(int(random_state_seed))
     return [int(c.generate_state(1, np.uint64)[0]) & (2**63 - 1) for c in ss.spawn(int(n_chains))]
+
+
+def calibration_seed(random_state_seed):
+    """The seed of the pilot chains of :func:`calibrate_step_size` (distinct from every chain's)."""
+    ss = np.random.SeedSequence([int(random_state_seed), 0x5CA1E])
+    return int(ss.generate_state(1, np.uint64)[0]) & (2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -358,6 +384,7 @@ class ChainResult:
     message: str = ""
     observer: object = None
     draws: np.ndarray | None = None
+    tracked: np.ndarray | None = None  # (n_draws, k) losses of the tracked probe points
 
 
 def _smoothed_max(trace, window):
@@ -370,7 +397,7 @@ def _smoothed_max(trace, window):
 
 
 def run_chain(post, settings, seed, *, chain=0, probes=(), observer=None, make_observer=None,
-              keep_draws=False, init_loss=None, threads=None):
+              keep_draws=False, init_loss=None, threads=None, track=None):
     """Run one SGLD chain from ``w*``.
 
     Parameters
@@ -389,6 +416,9 @@ def run_chain(post, settings, seed, *, chain=0, probes=(), observer=None, make_o
         Keep the flat parameter vector at every draw (``n_draws x n_params`` floats).
     init_loss : float, optional
         The loss at ``w*`` (for the "far above" check); computed when None.
+    track : array-like of int, optional
+        Indices into the first probe set whose losses are kept at every draw
+        (``ChainResult.tracked``, for the diagnostics).
 
     Returns
     -------
@@ -410,6 +440,8 @@ def run_chain(post, settings, seed, *, chain=0, probes=(), observer=None, make_o
     trace = np.full(n_steps, np.nan)
     draw_losses = np.full(int(s.n_draws), np.nan)
     draws = np.empty((int(s.n_draws), post.n_params), dtype=np.float32) if keep_draws else None
+    track = None if track is None else np.asarray(track, dtype=np.int64)
+    tracked = None if track is None else np.full((int(s.n_draws), track.size), np.nan)
     half_eps_nbeta = -0.5 * float(s.step_size) * float(s.nbeta)
     lerp_w = 0.5 * float(s.step_size) * float(s.localization)
     if lerp_w >= 1.0:
@@ -420,7 +452,7 @@ def run_chain(post, settings, seed, *, chain=0, probes=(), observer=None, make_o
         )
     sqrt_eps = math.sqrt(float(s.step_size))
     res = ChainResult(chain=int(chain), seed=int(seed), trace=trace, draw_losses=draw_losses,
-                      observer=observer, draws=draws)
+                      observer=observer, draws=draws, tracked=tracked)
     full = m == N  # full-batch gradients: no shuffling needed
     perm = None if full else torch.randperm(N, generator=g, device=dev)
     pos = 0
@@ -466,6 +498,8 @@ def run_chain(post, settings, seed, *, chain=0, probes=(), observer=None, make_o
                 break
             if losses:
                 draw_losses[draw] = float(losses[0].mean())
+                if tracked is not None:
+                    tracked[draw] = losses[0].cpu().numpy()[track]
             if observer is not None:
                 observer.on_draw([L.cpu().numpy() for L in losses])
             if keep_draws:
@@ -516,6 +550,7 @@ class SamplingResult:
     observer: object = None  # merged over the chains that did not fail
     draws: list | None = None  # per chain (n_draws, n_params) float32, when kept
     n_draws_used: int = 0
+    tracked: np.ndarray | None = None  # (n_chains, n_draws, k) losses of the tracked points
 
 
 def _n_jobs(n_jobs, n_chains):
@@ -525,7 +560,7 @@ def _n_jobs(n_jobs, n_chains):
 
 
 def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=False, n_jobs=None,
-           verbose=0, raise_on_failure=True, warn=True):
+           verbose=0, raise_on_failure=True, warn=True, track=None):
     """Run one chain per seed (in parallel with joblib when ``n_jobs`` allows) and pool them.
 
     Parameters
@@ -544,6 +579,9 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
         joblib processes (``None``: one, ``-1``: all cores); capped at the number of chains.
     raise_on_failure : bool
         Raise ``FloatingPointError`` when every chain failed.
+    track : array-like of int, optional
+        Indices into the first probe set whose losses are kept at every draw
+        (``SamplingResult.tracked``).
 
     Returns
     -------
@@ -568,7 +606,7 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
         if jobs == 1:
             return (
                 run_chain(post, settings, s, chain=c, probes=probes, observer=observer,
-                          keep_draws=keep_draws, init_loss=init_loss)
+                          keep_draws=keep_draws, init_loss=init_loss, track=track)
                 for c, s in seed_list
             )
         from joblib import Parallel, delayed
@@ -578,7 +616,7 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
         return Parallel(n_jobs=jobs, return_as="generator")(
             delayed(run_chain)(post, settings, s, chain=c, probes=probes,
                                make_observer=make_observer, keep_draws=keep_draws,
-                               init_loss=init_loss)
+                               init_loss=init_loss, track=track)
             for c, s in seed_list
         )
 
@@ -594,6 +632,8 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
     messages = []
     merged = None
     draws = [] if keep_draws else None
+    tracked = (None if track is None
+               else np.full((n_chains, int(settings.n_draws), len(track)), np.nan))
     used = 0
     for r in it:
         traces[r.chain] = r.trace
@@ -604,6 +644,8 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
             messages.append(r.message)
         if keep_draws:
             draws.append(None if r.failed else r.draws)
+        if tracked is not None and r.tracked is not None:
+            tracked[r.chain] = r.tracked
         if r.failed:
             continue
         used += r.n_draws_done
@@ -615,7 +657,7 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
             merged = make_observer()
             healthy = [(c, s) for c, s in enumerate(seeds) if not failed[c]]
             for _ in _runs(healthy, merged):
-                pass
+                pass  # the tracked losses of these chains are unchanged (deterministic replay)
     if warn and (failed.any() or far.any()):
         warnings.warn(
             _divergence_message(settings, failed, far, messages, init_loss),
@@ -631,7 +673,7 @@ def sample(post, settings, seeds, *, probes=(), make_observer=None, keep_draws=F
     return SamplingResult(
         loss_traces=traces, draw_losses=dl, init_loss=init_loss, seeds=list(seeds),
         failed=failed, far=far, messages=messages, observer=merged, draws=draws,
-        n_draws_used=used,
+        n_draws_used=used, tracked=tracked,
     )
 
 
@@ -653,3 +695,186 @@ def _divergence_message(s, failed, far, messages, init_loss):
         f"localization={s.localization:g}: lower step_size or raise localization, and check "
         "loss_traces_."
     )
+
+
+# ---------------------------------------------------------------------------- step size
+@dataclass
+class Calibration:
+    """Result of :func:`calibrate_step_size`: the ladder of pilot chains and the choice."""
+
+    step_size: float  # the chosen ε
+    step_sizes: np.ndarray  # the rungs tried, largest first
+    levels: np.ndarray  # plateau level of each rung: mean mini-batch loss, last half of its pilot
+    init_loss: float
+    accepted: bool  # False: no rung passed; the smallest finite rung was taken
+    n_steps: int
+
+
+def calibrate_step_size(post, settings, seed, *, n_steps=200, factor=2.0, tol=0.05, max_rungs=10,
+                        init_loss=None):
+    """Choose the SGLD step size ε from the loss traces of short pilot chains.
+
+    Rungs ``ε_k = ε_0 / factor**k`` are tried from the largest down, with
+    ``ε_0 = min(1 / γ, 0.1)`` (so ``ε γ / 2 <= 1/2``, well inside the stable range of the
+    localisation term).  Each rung runs one pilot chain of ``n_steps`` steps from ``w*`` (the
+    same mini-batches and noise for every rung) and records its *plateau level*, the mean
+    mini-batch loss over the last half of the pilot.  A rung is accepted when halving ε moves
+    that level by at most ``tol`` times the chain's displacement from the starting loss,
+
+    ``|level(ε_k) - level(ε_{k+1})| <= tol * |level(ε_{k+1}) - L(w*)|``,
+
+    i.e. the chain has moved away from ``w*`` and settled within the pilot, and the
+    discretisation no longer inflates the level (too large a step raises the plateau, or
+    diverges; too small a step has not yet moved: the level then keeps changing with ε).
+
+    Parameters
+    ----------
+    post : LocalPosterior
+    settings : SGLDSettings
+        Every field but ``step_size`` (and the chain length) is used as is.
+    seed : int
+        Seed of the pilot chains (:func:`calibration_seed`).
+    n_steps : int, default=200
+        Steps per pilot chain.
+    factor : float, default=2.0
+        Ratio of consecutive rungs.
+    tol : float, default=0.05
+    max_rungs : int, default=10
+        When no rung passes, the rung whose level moved least when ε was halved is taken (and
+        ``Calibration.accepted`` is False).
+    init_loss : float, optional
+        Mean loss of the sampling data at ``w*``; computed when None.
+
+    Returns
+    -------
+    Calibration
+    """
+    s = settings
+    if init_loss is None:
+        init_loss = post.initial_loss()
+    gamma = float(s.localization)
+    eps0 = min(1.0 / gamma, 0.1) if gamma > 0 else 0.1
+    half = int(n_steps) // 2
+    eps_list, levels, changes = [], [], []
+    chosen, accepted = None, False
+    for k in range(int(max_rungs)):
+        eps = eps0 / float(factor) ** k
+        pilot = dataclasses.replace(s, step_size=eps, burn_in=int(n_steps) - 1, n_draws=1,
+                                    thin=1)
+        r = run_chain(post, pilot, seed, init_loss=init_loss)
+        tr = r.trace[half : int(n_steps)]
+        level = float(tr.mean()) if (not r.failed and not r.far and np.isfinite(tr).all()) \
+            else float("inf")
+        eps_list.append(eps)
+        levels.append(level)
+        if k >= 1:
+            disp = abs(level - init_loss)
+            change = (abs(levels[-2] - level) / disp
+                      if math.isfinite(levels[-2]) and math.isfinite(level) and disp > 0
+                      else float("inf"))
+            changes.append(change)
+            if change <= tol:
+                chosen, accepted = eps_list[-2], True
+                break
+    if chosen is None:
+        best = int(np.argmin(changes)) if changes else 0
+        chosen = eps_list[best] if math.isfinite(changes[best] if changes else 0.0) \
+            else eps_list[-1]
+    return Calibration(step_size=float(chosen), step_sizes=np.asarray(eps_list),
+                       levels=np.asarray(levels), init_loss=float(init_loss), accepted=accepted,
+                       n_steps=int(n_steps))
+
+
+# ---------------------------------------------------------------------------- diagnostics
+def effective_sample_size(x):
+    """Effective sample size of each column of ``x`` (n_draws, ...), one chain.
+
+    Geyer's initial monotone sequence estimator: ``n / tau`` with
+    ``tau = -1 + 2 sum_k P_k``, ``P_k = rho_{2k} + rho_{2k+1}`` summed while positive and made
+    non-increasing (``rho`` the FFT autocorrelation).  Capped at ``n log10(n)`` (antithetic
+    draws); NaN for a constant column or fewer than 4 draws.
+    """
+    x = np.asarray(x, dtype=float)
+    shape = x.shape[1:]
+    x = x.reshape(x.shape[0], -1)
+    n = x.shape[0]
+    out = np.full(x.shape[1], np.nan)
+    if n < 4:
+        return out.reshape(shape) if shape else float(out[0]) if out.size else out
+    xc = x - x.mean(0)
+    var = (xc**2).mean(0)
+    ok = np.isfinite(var) & (var > 0)
+    if ok.any():
+        f = np.fft.rfft(xc[:, ok], 2 * n, axis=0)
+        acf = np.fft.irfft(f * np.conj(f), axis=0)[:n] / (n * var[ok])
+        m = n // 2
+        P = acf[: 2 * m : 2] + acf[1 : 2 * m : 2]  # (m, k)
+        pos = np.cumprod(P > 0, axis=0).astype(bool)
+        P = np.minimum.accumulate(np.where(pos, P, 0.0), axis=0)
+        tau = np.maximum(-1.0 + 2.0 * P.sum(0), 1.0 / np.log10(max(n, 10)))
+        out[ok] = n / tau
+    out = out.reshape(shape)
+    return float(out) if not shape else out
+
+
+def split_rhat(chains):
+    """Split-R̂ (Gelman et al.) of draws ``chains`` (n_chains, n_draws, ...), per column.
+
+    Each chain is split into its two halves, which are compared as separate chains: values
+    near 1 mean the halves (and chains) agree; above ~1.1, the chains have not mixed or are
+    still drifting.  With one chain it is the within-chain stationarity check.
+    """
+    c = np.asarray(chains, dtype=float)
+    n = c.shape[1] // 2
+    if n < 2:
+        return np.full(c.shape[2:], np.nan) if c.ndim > 2 else float("nan")
+    halves = np.concatenate([c[:, :n], c[:, n : 2 * n]], axis=0)  # (2m, n, ...)
+    means = halves.mean(1)
+    W = halves.var(1, ddof=1).mean(0)
+    B = n * means.var(0, ddof=1)
+    var_plus = (n - 1) / n * W + B / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.sqrt(var_plus / W)
+    r = np.where(W > 0, r, np.nan)
+    return float(r) if np.ndim(r) == 0 else r
+
+
+def split_half_reliability(losses, kind="correlation"):
+    """Correlation between the kernels of the two halves of the draws.
+
+    Parameters
+    ----------
+    losses : ndarray of shape (n_chains, n_draws, k)
+        Per-example losses of ``k`` points at every draw of every (healthy) chain.
+    kind : {"correlation", "covariance"}, default="correlation"
+
+    Returns
+    -------
+    float
+        Pearson correlation, over the ``k (k - 1) / 2`` off-diagonal entries, between the
+        kernel of the first halves of the chains and that of the second halves (NaN when
+        undefined).  1 is a noise-free kernel; the kernel of all the draws has reliability
+        about ``2 r / (1 + r)`` (Spearman-Brown); below 0.5 the differences between entries
+        are mostly sampling noise.
+    """
+    L = np.asarray(losses, dtype=float)
+    if L.ndim != 3 or L.shape[2] < 3 or L.shape[1] < 4:
+        return float("nan")
+    h = L.shape[1] // 2
+    iu = np.triu_indices(L.shape[2], 1)
+    vals = []
+    for part in (L[:, :h], L[:, h : 2 * h]):
+        A = part.reshape(-1, L.shape[2])
+        A = A[np.isfinite(A).all(1)]
+        if A.shape[0] < 3:
+            return float("nan")
+        C = np.cov(A.T)
+        if kind == "correlation":
+            d = np.sqrt(np.clip(np.diag(C), 0, None))
+            d = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+            C = C * d[:, None] * d[None, :]
+        vals.append(C[iu])
+    a, b = vals
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])

@@ -340,3 +340,106 @@ def test_other_bad_input():
     Xn[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         LossKernel(model, **SMALL).fit(Xn, y)
+
+
+# ----------------------------------------------------------------------------- self-checks
+# (issue 10, item 9) the defaults choose the step size and thinning themselves and report how
+# trustworthy the kernel is.
+def _subspace_multitask(seed=0, n=300):
+    """A small 3-task problem built unlike make_multitask (Gaussian subspaces, no task code)."""
+    from skattr.datasets import make_multitask_subspaces
+    from skattr.reports.loss_kernel import train_mlp
+
+    X, y, task = make_multitask_subspaces(n, random_state=seed)
+    return X, y, task, train_mlp(X, y, 6, epochs=60, width=64, seed=seed)
+
+
+def test_defaults_separate_tasks_on_a_multitask_set_they_were_not_tuned_on():
+    from skattr.reports.loss_kernel import cluster_ari
+
+    X, y, task, model = _subspace_multitask()
+    assert model.score(X, y) > 0.95
+    lk = LossKernel(model, random_state=0).fit(X, y)  # every sampler setting at its default
+    ari, _ = cluster_ari(np.abs(lk.kernel_), task, 3)
+    assert ari >= 0.95, (ari, lk.step_size_, lk.thin_)
+    same = task[:, None] == task[None, :]
+    off = ~np.eye(len(X), dtype=bool)
+    # the theory's block structure: within-task |K| well above the across-task level
+    assert np.abs(lk.kernel_[same & off]).mean() > 3 * np.abs(lk.kernel_[~same]).mean()
+
+
+def test_diagnostics_are_present_and_sensible():
+    X, y, model = _classifier()
+    lk = LossKernel(model, n_chains=3, n_draws=100, random_state=0).fit(X, y)
+    cal = lk.calibration_
+    assert cal.accepted and lk.step_size_ in cal.step_sizes
+    assert lk.step_size_ * lk.localization / 2 < 1
+    # the chosen rung's plateau differs from the next smaller rung's by <= tol of the rise
+    k = int(np.flatnonzero(cal.step_sizes == lk.step_size_)[0])
+    lv = cal.levels
+    assert abs(lv[k] - lv[k + 1]) <= 0.05 * abs(lv[k + 1] - cal.init_loss)
+    assert lv[k + 1] > cal.init_loss  # the chain moved: the loss rose above the start
+    assert lk.thin_ == int(np.ceil(1.2 / (lk.step_size_ * lk.localization)))
+    assert lk.loss_traces_.shape == (3, lk.burn_in + 100 * lk.thin_)
+    assert lk.ess_.shape == lk.rhat_.shape == (3,)
+    assert np.all((lk.ess_ > 10) & (lk.ess_ <= 100 * np.log10(100)))
+    assert np.all(np.abs(lk.rhat_ - 1) < 0.1) and abs(lk.rhat_pooled_ - 1) < 0.1
+    assert 0.5 < lk.split_half_reliability_ <= 1
+    assert len(lk.diagnostic_points_) == len(X)  # fewer than 128 points: all tracked
+
+
+def test_a_broken_run_warns_that_noise_dominates():
+    from skattr.sampling import SamplerDiagnosticWarning
+
+    X, y, model = _classifier()
+    healthy = LossKernel(model, n_chains=2, n_draws=60, random_state=0).fit(X, y)
+    with pytest.warns(SamplerDiagnosticWarning, match="noise dominates|not mixed") as rec:
+        broken = LossKernel(model, n_chains=2, n_draws=60, thin=1, random_state=0,
+                            step_size=healthy.step_size_ / 100).fit(X, y)
+    assert "ess_" in str(rec[0].message)
+    assert broken.ess_.sum() < healthy.ess_.sum() / 3
+    assert broken.split_half_reliability_ < healthy.split_half_reliability_
+    # a step 100x too large is refused outright (the localisation term overshoots w*)
+    with pytest.raises(ValueError, match="overshoots"):
+        LossKernel(model, n_chains=2, n_draws=60, step_size=healthy.step_size_ * 100).fit(X, y)
+
+
+def test_auto_defaults_are_deterministic_clonable_and_picklable():
+    X, y, model = _classifier()
+    kw = dict(n_chains=2, n_draws=40)
+    a = LossKernel(model, **kw, random_state=5).fit(X, y)
+    b = LossKernel(model, **kw, random_state=5).fit(X, y)
+    np.testing.assert_array_equal(a.kernel_, b.kernel_)
+    assert a.step_size_ == b.step_size_ and a.split_half_reliability_ == b.split_half_reliability_
+    with parallel_backend("threading"):
+        c = LossKernel(model, **kw, random_state=5, n_jobs=2).fit(X, y)
+    assert c.step_size_ == a.step_size_ and c.thin_ == a.thin_
+    np.testing.assert_allclose(c.kernel_, a.kernel_, atol=1e-12)
+    np.testing.assert_array_equal(c.ess_, a.ess_)
+    np.testing.assert_allclose(a.transform(X, y), a.kernel_, atol=1e-8)  # replay, same ε
+    cl = clone(a)
+    assert cl.get_params()["step_size"] == "auto" and cl.get_params()["thin"] == "auto"
+    a2 = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(a2.kernel_, a.kernel_)
+    assert a2.step_size_ == a.step_size_ and a2.calibration_.accepted == a.calibration_.accepted
+    np.testing.assert_allclose(a2.transform(X[:5], y[:5]), a.transform(X[:5], y[:5]))
+
+
+def test_ess_rhat_and_reliability_on_known_series():
+    from skattr.sampling import effective_sample_size, split_half_reliability, split_rhat
+
+    rng = np.random.default_rng(0)
+    iid = rng.normal(size=(2000, 3))
+    assert np.all(np.abs(effective_sample_size(iid) / 2000 - 1) < 0.15)
+    ar = np.zeros(4000)
+    for t in range(1, ar.size):
+        ar[t] = 0.9 * ar[t - 1] + rng.normal()
+    # AR(1): ESS = n (1 - rho) / (1 + rho)
+    assert effective_sample_size(ar) == pytest.approx(4000 * 0.1 / 1.9, rel=0.3)
+    assert abs(split_rhat(rng.normal(size=(4, 500))) - 1) < 0.02
+    assert split_rhat(np.cumsum(rng.normal(size=(2, 500)), 1)) > 1.1  # random walks drift
+    # reliability: a shared low-rank structure is reproduced by both halves, noise is not
+    z = rng.normal(size=(1, 400, 3))
+    signal = np.repeat(z, 10, axis=2) + 0.3 * rng.normal(size=(1, 400, 30))
+    assert split_half_reliability(signal) > 0.9
+    assert abs(split_half_reliability(rng.normal(size=(1, 400, 30)))) < 0.2

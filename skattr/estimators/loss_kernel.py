@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -22,18 +24,29 @@ from .._validation import check_fitted_shape, check_input, check_memory, seed_fr
 from ..model import TorchModel
 from ..sampling import (
     LocalPosterior,
+    SamplerDiagnosticWarning,
     SGLDSettings,
     StreamingMoments,
     _n_jobs,
+    calibrate_step_size,
+    calibration_seed,
     chain_seeds,
     default_nbeta,
+    effective_sample_size,
     replay_draws,
     sample,
+    split_half_reliability,
+    split_rhat,
 )
 
 __all__ = ["LossKernel"]
 
 _TINY = 1e-300
+#: Fitted points whose losses are kept at every draw for the diagnostics.
+_N_TRACKED = 128
+#: Diagnostic thresholds: split-half reliability below, R-hat above.
+_MIN_RELIABILITY = 0.5
+_MAX_RHAT = 1.1
 
 
 class LossKernel(TransformerMixin, BaseEstimator):
@@ -54,16 +67,24 @@ class LossKernel(TransformerMixin, BaseEstimator):
     n_chains : int, default=4
     n_draws : int, default=200
         Draws per chain.
-    step_size : float, default=1e-4
-        SGLD step size ε.
+    step_size : float or "auto", default="auto"
+        SGLD step size ε.  "auto" calibrates it from the loss traces of short pilot chains
+        (:func:`skattr.sampling.calibrate_step_size`): the largest ε on a halving ladder from
+        ``min(1/γ, 0.1)`` whose plateau loss no longer moves when ε is halved, i.e. the chain
+        leaves ``w*``, settles, and the discretisation does not inflate the loss.  The choice
+        is ``step_size_``; the ladder is ``calibration_``.
     localization : float, default=100.0
         Localisation strength γ.
     nbeta : float or None, default=None
         Inverse temperature nβ; None is devinterp's default ``m / ln m`` (``m`` the batch size).
     burn_in : int, default=100
         SGLD steps before the first draw.
-    thin : int, default=1
-        SGLD steps between draws.
+    thin : int or "auto", default="auto"
+        SGLD steps between draws.  "auto" makes each draw span about 0.6 relaxation times of
+        the localisation, ``thin = ceil(1.2 / (step_size * localization))`` (clipped to
+        1..50; 5 when ``localization=0``): a smaller step takes more steps per draw, so the
+        number of *effective* draws (``ess_``) and the kernel's noise stay about the same.
+        The choice is ``thin_``.
     batch_size : int or None, default=None
         SGLD mini-batch size (None: 256, capped at the number of sampling points).
     kind : {"correlation", "covariance"}, default="correlation"
@@ -85,7 +106,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
         Variance of each point's loss over the draws (the covariance diagonal).
     mean_loss_ : ndarray of shape (n_fit,)
         Mean loss of each point over the draws.
-    loss_traces_ : ndarray of shape (n_chains, burn_in + n_draws * thin)
+    loss_traces_ : ndarray of shape (n_chains, burn_in + n_draws * thin_)
         Mini-batch loss at every SGLD step of every chain (NaN after a failure).
     draw_losses_ : ndarray of shape (n_chains, n_draws)
         Mean loss of the fitted points at every draw.
@@ -97,6 +118,29 @@ class LossKernel(TransformerMixin, BaseEstimator):
         Chains kept but flagged: their loss rose far above ``init_loss_``.
     n_draws_used_ : int
         Draws pooled into the kernel.
+    step_size_ : float
+        The step size used (calibrated when ``step_size="auto"``).
+    thin_ : int
+        SGLD steps between draws (chosen when ``thin="auto"``).
+    calibration_ : skattr.sampling.Calibration or None
+        The pilot ladder of ``step_size="auto"`` (rungs, plateau levels, whether a rung passed).
+    diagnostic_points_ : ndarray of int
+        Indices of the (up to 128, random) fitted points whose losses are kept at every draw
+        for the diagnostics below.
+    ess_ : ndarray of shape (n_chains,)
+        Effective sample size of each chain: median over the diagnostic points of the ESS of
+        their loss series (Geyer's estimator); NaN for a dropped chain.  The kernel's entries
+        have a noise of about ``1 / sqrt(ess_.sum())``.
+    rhat_ : ndarray of shape (n_chains,)
+        Split-R̂ of each chain (its first against its second half of draws; median over the
+        diagnostic points): above 1.1 the chain is still drifting.
+    rhat_pooled_ : float
+        Split-R̂ over all healthy chains (median over the diagnostic points): above 1.1 the
+        chains disagree.
+    split_half_reliability_ : float
+        Correlation between the kernels (on the diagnostic points) of the first and of the
+        second halves of the draws; below 0.5 noise dominates and a
+        :class:`skattr.sampling.SamplerDiagnosticWarning` says so.
     chain_seeds_ : list of int
     nbeta_ : float
     batch_size_ : int
@@ -127,9 +171,11 @@ class LossKernel(TransformerMixin, BaseEstimator):
     >>> y = (X[:, 0] > 0).astype(int)
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     >>> model = TorchModel(net, epochs=20, lr=0.1, random_state=0).fit(X, y)
-    >>> lk = LossKernel(model, n_chains=2, n_draws=30, burn_in=20, step_size=1e-3).fit(X, y)
-    >>> lk.kernel_.shape, lk.loss_traces_.shape
-    ((60, 60), (2, 50))
+    >>> lk = LossKernel(model, n_chains=2, n_draws=30, burn_in=20).fit(X, y)
+    >>> lk.kernel_.shape, lk.loss_traces_.shape == (2, 20 + 30 * lk.thin_)
+    ((60, 60), True)
+    >>> bool(lk.step_size_ in lk.calibration_.step_sizes), lk.ess_.shape, lk.rhat_.shape
+    (True, (2,), (2,))
     >>> bool(np.allclose(np.diag(lk.kernel_), 1.0))
     True
     >>> lk.transform(X[:5]).shape
@@ -140,11 +186,11 @@ class LossKernel(TransformerMixin, BaseEstimator):
         "model": [TorchModel],
         "n_chains": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_draws": [Interval(numbers.Integral, 2, None, closed="left")],
-        "step_size": [Interval(numbers.Real, 0, None, closed="neither")],
+        "step_size": [Interval(numbers.Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "localization": [Interval(numbers.Real, 0, None, closed="left")],
         "nbeta": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "burn_in": [Interval(numbers.Integral, 0, None, closed="left")],
-        "thin": [Interval(numbers.Integral, 1, None, closed="left")],
+        "thin": [Interval(numbers.Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "kind": [StrOptions({"correlation", "covariance"})],
         "keep": [StrOptions({"seeds", "draws"}), None],
@@ -159,11 +205,11 @@ class LossKernel(TransformerMixin, BaseEstimator):
         *,
         n_chains=4,
         n_draws=200,
-        step_size=1e-4,
+        step_size="auto",
         localization=100.0,
         nbeta=None,
         burn_in=100,
-        thin=1,
+        thin="auto",
         batch_size=None,
         kind="correlation",
         keep="seeds",
@@ -226,12 +272,21 @@ class LossKernel(TransformerMixin, BaseEstimator):
                 f"classes {model.class_labels().tolist()[:20]}: {e}"
             ) from e
 
-    def _settings(self, n_sample):
+    def _settings(self, n_sample, step_size=None):
         bs = min(int(self.batch_size or 256), int(n_sample))
         nbeta = float(self.nbeta) if self.nbeta is not None else default_nbeta(bs)
+        eps = 1e-4 if step_size is None and self.step_size == "auto" else float(
+            self.step_size if step_size is None else step_size)
+        gamma = float(self.localization)
+        if self.thin != "auto":
+            thin = int(self.thin)
+        elif gamma > 0:
+            thin = int(min(50, max(1, math.ceil(1.2 / (eps * gamma)))))
+        else:
+            thin = 5
         return SGLDSettings(
-            step_size=float(self.step_size), localization=float(self.localization), nbeta=nbeta,
-            n_draws=int(self.n_draws), burn_in=int(self.burn_in), thin=int(self.thin),
+            step_size=eps, localization=gamma, nbeta=nbeta,
+            n_draws=int(self.n_draws), burn_in=int(self.burn_in), thin=thin,
             batch_size=bs,
         ).validate()
 
@@ -293,8 +348,14 @@ class LossKernel(TransformerMixin, BaseEstimator):
         self._check_losses_finite(post, Xs, ys, "the sampling data")
         if Xs is not Xt:
             self._check_losses_finite(post, Xt, yt, "X")
+        seed = seed_from_random_state(self.random_state)
         settings = self._settings(Xs.shape[0])
-        seeds = chain_seeds(seed_from_random_state(self.random_state), self.n_chains)
+        self.calibration_ = None
+        if self.step_size == "auto":
+            self.calibration_ = calibrate_step_size(post, settings, calibration_seed(seed))
+            settings = self._settings(Xs.shape[0], self.calibration_.step_size)
+        seeds = chain_seeds(seed, self.n_chains)
+        track = np.sort(np.random.default_rng(seed).choice(n, min(n, _N_TRACKED), replace=False))
         if self.keep == "draws":
             check_memory(
                 4 * post.n_params * settings.n_draws * self.n_chains,
@@ -306,6 +367,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
             post, settings, seeds, probes=[(Xt, yt)],
             make_observer=functools.partial(StreamingMoments, n),
             keep_draws=self.keep == "draws", n_jobs=self.n_jobs, verbose=self.verbose,
+            track=track,
         )
         obs = res.observer
         self.mean_loss_ = obs.mean_a.copy()
@@ -323,12 +385,62 @@ class LossKernel(TransformerMixin, BaseEstimator):
         self.chain_seeds_ = list(seeds)
         self.nbeta_ = settings.nbeta
         self.batch_size_ = settings.batch_size
+        self.step_size_ = settings.step_size
+        self.thin_ = settings.thin
+        self.diagnostic_points_ = track
+        self._diagnose(res.tracked, res.failed)
         self.n_fit_ = n
         self._post = post
         self._settings_ = settings
         self._fit_probe = (Xt, yt)
         self.draws_ = res.draws if self.keep == "draws" else None
         return self
+
+    def _diagnose(self, tracked, failed):
+        """Set ``ess_``, ``rhat_``, ``rhat_pooled_``, ``split_half_reliability_``; warn."""
+        n_chains = len(failed)
+        self.ess_ = np.full(n_chains, np.nan)
+        self.rhat_ = np.full(n_chains, np.nan)
+        ok = ~np.asarray(failed, bool)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN medians (constant losses)
+            for c in np.flatnonzero(ok):
+                self.ess_[c] = np.nanmedian(effective_sample_size(tracked[c]))
+                self.rhat_[c] = np.nanmedian(split_rhat(tracked[c][None]))
+            good = tracked[ok]
+            self.rhat_pooled_ = float(np.nanmedian(split_rhat(good))) if len(good) else np.nan
+            self.split_half_reliability_ = split_half_reliability(good, self.kind)
+        problems = []
+        r = self.split_half_reliability_
+        if np.isfinite(r) and r < _MIN_RELIABILITY:
+            problems.append(
+                f"noise dominates the kernel: the kernels of the two halves of the draws "
+                f"correlate at only {r:.2f} (split_half_reliability_ < {_MIN_RELIABILITY})"
+            )
+        worst = np.nanmax(np.r_[self.rhat_, self.rhat_pooled_]) if ok.any() else np.nan
+        if np.isfinite(worst) and worst > _MAX_RHAT:
+            problems.append(
+                f"the chains have not mixed: split R-hat up to {worst:.3g} (> {_MAX_RHAT}; "
+                f"rhat_ per chain {np.round(self.rhat_, 3).tolist()}, pooled "
+                f"{self.rhat_pooled_:.3g})"
+            )
+        cal = self.calibration_
+        if cal is not None and not cal.accepted:
+            problems.append(
+                f"step_size='auto' found no step size whose loss plateau is stable (tried "
+                f"{cal.step_sizes[0]:.3g} down to {cal.step_sizes[-1]:.3g}; took "
+                f"{cal.step_size:.3g})"
+            )
+        if problems:
+            warnings.warn(
+                "LossKernel: " + "; ".join(problems) + f". Effective draws per chain (ess_): "
+                f"{np.round(self.ess_, 1).tolist()} with step_size={self.step_size_:.3g}, "
+                f"thin={self.thin_}, n_draws={self.n_draws}. Use step_size='auto', or raise "
+                "thin, n_draws or n_chains; check loss_traces_ (the loss should rise above "
+                "init_loss_ and plateau).",
+                SamplerDiagnosticWarning,
+                stacklevel=3,
+            )
 
     def fit_transform(self, X, y=None, **fit_params):
         """Fit and return ``kernel_`` (a copy), the kernel of ``X`` with its own labels."""
