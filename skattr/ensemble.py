@@ -112,6 +112,19 @@ def train_models(template, X, y, subsets, seeds, *, paths=None, n_jobs=None, ver
     return models
 
 
+def _copy_without_history(model):
+    """A copy of a TorchModel with its own network, without its fitted callbacks (a recorded
+    trajectory can hold many checkpoints: copying it for every member is wasted work)."""
+    member = copy.copy(model)
+    member.__dict__ = dict(model.__dict__)
+    member.callbacks_ = []
+    if hasattr(model, "module_"):
+        member.module_ = copy.deepcopy(model.module_)
+    else:
+        member.module = copy.deepcopy(model.module)
+    return member
+
+
 def load_member(template, obj, where="models[0]"):
     """A TorchModel from a fitted TorchModel, a state dict of ``template``'s network, a
     ``(step, state_dict)`` checkpoint (as :class:`~skattr.TrajectoryRecorder` records them) or
@@ -130,7 +143,7 @@ def load_member(template, obj, where="models[0]"):
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping):
-        member = copy.deepcopy(template)
+        member = _copy_without_history(template)
         net = member.module_ if hasattr(member, "module_") else member.module
         try:
             net.load_state_dict(dict(obj))

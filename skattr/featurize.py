@@ -165,7 +165,10 @@ class Featurizer:
             outs = {}
             recs = self.records(xb, yb, outputs=outs)
             if proj is None:
-                F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
+                if Ft is not None:
+                    write_flat(recs, Ft[i0 - r0 : i1 - r0])
+                else:
+                    F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
             else:
                 o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
                     i1 - i0, k, dtype=proj.dtype, device=proj.device)
@@ -200,6 +203,33 @@ class Featurizer:
         out.zero_()
         _grad.project(recs, proj, out=out[:, None, :])
         return out.mul_(1.0 / math.sqrt(proj.k))
+
+
+def write_flat(records, out):
+    """Write the per-example gradients of one scalar output into ``out`` (n, p) in the
+    parameter order of :func:`skattr.gradients.flatten`, each layer straight into its columns
+    (no concatenated temporary: for exact features the copies are the cost)."""
+    if not isinstance(records, list):  # deferred or chunked records: the general path
+        out.copy_(_grad.flatten(records)[:, 0])
+        return out
+    n, c = out.shape[0], 0
+    for r in records:
+        p = r.n_params
+        if isinstance(r, _grad.KronRecord) and r.L == 1 and r.d.shape[2] == 1:
+            d_out, d_x = r.d.shape[-1], r.x.shape[-1]
+            W = out[:, c : c + d_out * d_x].view(n, d_out, d_x)
+            torch.mul(r.d[:, 0, 0, :, None], r.x[:, 0, None, :], out=W)
+            if r.bias:
+                out[:, c + d_out * d_x : c + p] = r.d[:, 0, 0]
+        else:
+            g = r.dense()[:, 0]
+            if isinstance(r, _grad.KronRecord):
+                g = _grad._kron_to_param_order(g[:, None].reshape(n, 1, r.d.shape[-1], r.d_in), r.key)[:, 0]
+            out[:, c : c + p] = g
+        c += p
+    if c != out.shape[1]:
+        raise RuntimeError(f"The gradient records hold {c} parameters, the output {out.shape[1]}.")
+    return out
 
 
 def encode_targets(models, output, X, y, batch_size=None):

@@ -22,8 +22,13 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.validation import check_is_fitted
 
+from .. import gradients as _grad
+from .._validation import check_memory
 from ..ensemble import load_member
+from ..featurize import progress
+from ..preconditioners import Identity
 from ..training import TrajectoryRecorder
 from .base import BaseAttributor
 
@@ -69,6 +74,10 @@ class TracIn(BaseAttributor):
     learning_rates_ : ndarray of shape (n_checkpoints,)
         ``eta_t`` (also ``weights_``).
     preconditioners_ : list of Identity
+    scoring_ : {"records", "features"}
+        How scores are computed: ``"records"`` (exact gradients, no store) from the layers'
+        gradient factors, no per-example gradient formed (for a Linear layer ``(d_x . d_i)
+        (a_x . a_i)``); ``"features"``: from stored (projected) features.
     feature_dim_ : int
     n_train_, n_features_in_, input_shape_, train_fingerprint_
 
@@ -199,3 +208,88 @@ class TracIn(BaseAttributor):
 
     def _model_weights(self):
         return self.learning_rates_
+
+    # ------------------------------------------------------------------ exact: from layer factors
+    # With exact gradients and no store, scores are inner products of per-example gradients,
+    # which the gradient records give without forming any gradient: for a Linear layer
+    # <d_x a_x^T, d_i a_i^T> = (d_x . d_i)(a_x . a_i) (skattr.gradients.gram).  The training
+    # set's records (factors, O(n (d_in + d_out)) per layer) are kept instead of n x p features.
+    def _fit_features(self, X, y_enc):
+        if self.projection_dim is not None or self.store is not None:
+            self.scoring_ = "features"
+            return super()._fit_features(X, y_enc)
+        self.scoring_ = "records"
+        M, n = len(self.models_), self.n_train_
+        self.feature_dim_ = self._featurizer(0).dim(X, y_enc[0])
+        self._train_records = []
+        for j in progress(range(M), M, self.verbose, "TracIn: gradient records"):
+            self._train_records.append(self._record_blocks(j, X, y_enc[j]))
+        nbytes = sum(r.nbytes() for recs in self._train_records for _, _, rs in recs for r in rs)
+        check_memory(nbytes, f"TracIn's gradient records of {n} examples x {M} checkpoints",
+                     hint="Use projection_dim=k (and store='dir' for large sets).")
+        self._features = None
+        self.store_ = None
+        self.preconditioners_ = [Identity(self._device) for _ in range(M)]
+        self.q_models_ = np.ones((M, n))
+        self.q_ = np.ones(n)
+        self.weights_ = np.asarray(self._model_weights(), dtype=np.float64)
+
+    def _record_blocks(self, j, X, y_enc):
+        fz = self._featurizer(j)
+        Xt = self.models_[j].to_tensor(X)
+        out = []
+        for b0 in range(0, Xt.shape[0], fz.batch_size):
+            b1 = min(Xt.shape[0], b0 + fz.batch_size)
+            out.append((b0, b1, fz.records(Xt[b0:b1], None if y_enc is None else y_enc[b0:b1])))
+        return out
+
+    def _record_gram(self, X, y_enc, train=None):
+        """``sum_j w_j G_j(X) G_j(train)^T`` from records ((t, n) float64 tensor)."""
+        t = X.shape[0]
+        K = None
+        for j in range(len(self.models_)):
+            blocks = self._train_records[j] if train is None else train[j]
+            n = blocks[-1][1]
+            if K is None:
+                K = torch.zeros(t, n, dtype=torch.float64, device=self._device)
+            for c0, c1, rx in self._record_blocks(j, X, y_enc[j]):
+                for b0, b1, rb in blocks:
+                    K[c0:c1, b0:b1] += float(self.weights_[j]) * _grad.gram(rx, rb).to(torch.float64)
+        return K
+
+    def attribute(self, X, y=None):
+        if getattr(self, "scoring_", "features") != "records":
+            return super().attribute(X, y)
+        X = self._check_X(X)
+        y_enc = self._labels(self.models_, X, self._check_y(y))
+        return self._record_gram(X, y_enc).cpu().numpy()
+
+    attribute.__doc__ = BaseAttributor.attribute.__doc__
+
+    def self_influence(self):
+        if getattr(self, "scoring_", "features") != "records":
+            return super().self_influence()
+        check_is_fitted(self, "preconditioners_")
+        out = torch.zeros(self.n_train_, dtype=torch.float64, device=self._device)
+        for j, blocks in enumerate(self._train_records):
+            for b0, b1, rb in blocks:
+                out[b0:b1] += float(self.weights_[j]) * _grad.self_gram(rb).to(torch.float64)
+        return out.cpu().numpy()
+
+    self_influence.__doc__ = BaseAttributor.self_influence.__doc__
+
+    def kernel(self, X, Y=None):
+        if getattr(self, "scoring_", "features") != "records":
+            return super().kernel(X, Y)
+        X = self._check_X(X)
+        same = Y is None
+        Y = X if same else self._check_X(Y)
+        yX = self._labels(self.models_, X, None)
+        yY = yX if same else self._labels(self.models_, Y, None)
+        train = [self._record_blocks(j, Y, yY[j]) for j in range(len(self.models_))]
+        K = self._record_gram(X, yX, train)
+        if same:
+            K = 0.5 * (K + K.T)
+        return K.cpu().numpy()
+
+    kernel.__doc__ = BaseAttributor.kernel.__doc__
