@@ -12,6 +12,7 @@ from sklearn.svm import SVC, SVR
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
+from ..estimators.base import AttributionKernel, BaseAttributor
 from ..estimators.ntk import EmpiricalNTK
 from .fidelity import class_scores, fidelity_from_scores, label_positions
 
@@ -54,8 +55,10 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
 
     Parameters
     ----------
-    kernel : skattr kernel transformer
-        E.g. ``TraceNTK(model)``; its ``model`` is the network being imitated.
+    kernel : skattr kernel transformer or attributor
+        E.g. ``TraceNTK(model)``; its ``model`` is the network being imitated.  An attributor
+        (``TRAK(model)``, ``TracIn(model)``, ...) is used through
+        :class:`~skattr.estimators.base.AttributionKernel`, the symmetric kernel it defines.
     estimator : {"kglm", "klr", "svc", "krr", "svr"} or sklearn estimator, default="kglm"
         "kglm": ``SGDClassifier(loss="log_loss", penalty="l2", alpha=1e-4,
         class_weight="balanced")`` on the kernel matrix used as features (the eNTK paper's kGLM);
@@ -110,9 +113,13 @@ class KernelSurrogate(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         """Fit the kernel on ``X`` and the kernel machine on ``K(X, X)``."""
-        if not hasattr(self.kernel, "transform") or not hasattr(self.kernel, "model"):
+        if isinstance(self.kernel, BaseAttributor):
+            # an attributor (TRAK, TracIn, ...) through the symmetric kernel it defines
+            self.kernel_ = AttributionKernel(clone(self.kernel))
+        elif not hasattr(self.kernel, "transform") or not hasattr(self.kernel, "model"):
             raise TypeError("kernel must be a skattr kernel transformer such as TraceNTK(model).")
-        self.kernel_ = clone(self.kernel)
+        else:
+            self.kernel_ = clone(self.kernel)
         if isinstance(self.kernel_, EmpiricalNTK):
             self.kernel_.set_params(output="flat")
         K = self.kernel_.fit_transform(X, y)  # the fit set's gradients computed once
