@@ -1,7 +1,8 @@
 """python -m skattr: the end-to-end report on sklearn's digits (no download).
 
 Sections (``--sections``): ``ntk`` (approximate eNTK kernels and kernel-machine surrogates),
-``trak`` (TRAK, LDS, concept attribution) and ``loss`` (the loss kernel), when installed.
+``trak`` (TRAK, LDS, concept attribution), ``attribution`` (TRAK, TracIn, influence functions
+and Grad-Cos compared: LDS and surrogate fidelity) and ``loss`` (the loss kernel), when installed.
 Writes ``report.md``, ``results.csv`` and PNG plots to ``--out``.
 """
 
@@ -21,6 +22,7 @@ import torch
 SECTIONS = {
     "ntk": ("skattr.reports.ntk", "ntk_report"),
     "trak": ("skattr.reports.trak", "trak_report"),
+    "attribution": ("skattr.reports.attribution", "attribution_report"),
     "loss": ("skattr.reports.loss_kernel", "loss_kernel_report"),
 }
 
@@ -37,7 +39,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m skattr", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="skattr_report", help="output folder (default: skattr_report)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: ntk,trak,loss")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: ntk,trak,attribution,loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
