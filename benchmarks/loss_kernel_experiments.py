@@ -12,6 +12,9 @@ Sections (``--sections``, default all):
   seeds; sensitivity to the localisation γ and the inverse temperature nβ.
 - ``mislabel``: digits with 10% flipped labels: detection AUC of kernel-based scores next to the
   per-example-loss baseline.
+- ``defaults`` (issue 10): ARI at the *default* settings (``step_size="auto"``,
+  ``thin="auto"``) on ``make_multitask`` and on ``make_multitask_subspaces``, 5 seeds each, with
+  the self-checks (ESS, R-hat, split-half reliability); then a healthy and a broken run.
 
 Run::
 
@@ -40,6 +43,7 @@ from skattr.datasets import (  # noqa: E402
     load_digits_images,
     make_hierarchy,
     make_multitask,
+    make_multitask_subspaces,
 )
 from skattr.estimators.loss_kernel import LossKernel  # noqa: E402
 from skattr.reports.loss_kernel import (  # noqa: E402
@@ -226,8 +230,74 @@ def mislabel(args):
             f"AUC {k} {_mean_sd([r[4 + j] for r in sub])}" for j, k in enumerate(names)))
 
 
+# ------------------------------------------------------------------------------ (5)
+def defaults(args):
+    from skattr.sampling import SamplerDiagnosticWarning
+
+    rows = []
+    for name in ("make_multitask", "make_multitask_subspaces"):
+        for seed in args.seeds:
+            if name == "make_multitask":
+                X, y, task = make_multitask(800, n_tasks=4, n_bits=8, k=2, interleave=True,
+                                            random_state=seed)
+                model, T = train_mlp(X, y, 8, epochs=60, seed=seed), 4
+            else:
+                X, y, task = make_multitask_subspaces(600, random_state=seed)
+                model, T = train_mlp(X, y, 6, epochs=60, seed=seed), 3
+            t = time.perf_counter()
+            lk = LossKernel(model, random_state=seed).fit(X, y)  # every setting at its default
+            secs = time.perf_counter() - t
+            a_abs, _ = cluster_ari(np.abs(lk.kernel_), task, T)
+            a_clip, _ = cluster_ari(np.clip(lk.kernel_, 0, None), task, T)
+            rows.append([name, seed, model.score(X, y), f"{lk.step_size_:.3g}", lk.thin_,
+                         f"{np.nanmin(lk.ess_):.0f}-{np.nanmax(lk.ess_):.0f}",
+                         f"{np.nanmax(lk.rhat_):.3f}", lk.split_half_reliability_, a_abs,
+                         a_clip, secs])
+            print(f"  {name} seed {seed}: ARI |K| {a_abs:.3f}", flush=True)
+    print_table(rows, ["data", "seed", "train acc", "step_size_", "thin_", "ess_ per chain",
+                       "max rhat_", "split-half r", "ARI (abs K)", "ARI (max(K,0))", "fit s"],
+                title="(5a) LossKernel at its defaults (4 chains x 200 draws, gamma=100, "
+                      "step_size='auto', thin='auto'); MLP one hidden layer of 128; "
+                      "make_multitask 800 pts, 4 tasks, interleaved; "
+                      "make_multitask_subspaces 600 pts, 3 tasks")
+    for name in ("make_multitask", "make_multitask_subspaces"):
+        v = [r[8] for r in rows if r[0] == name]
+        print(f"ARI (abs K) {name}: {_mean_sd(v)}, min {min(v):.3f} over seeds {args.seeds}")
+
+    # healthy vs broken runs (seed 0 of the second set)
+    X, y, task = make_multitask_subspaces(600, random_state=0)
+    model = train_mlp(X, y, 6, epochs=60, seed=0)
+    healthy = LossKernel(model, random_state=0).fit(X, y)
+    eps = healthy.step_size_
+    drows = []
+    for label, kw in (("healthy (defaults)", {}),
+                      ("broken: step x 1/100, thin 1", dict(step_size=eps / 100, thin=1)),
+                      ("broken: step x 10", dict(step_size=eps * 10)),
+                      ("broken: step x 100", dict(step_size=eps * 100))):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            try:
+                lk = healthy if not kw else LossKernel(model, random_state=0, **kw).fit(X, y)
+            except (ValueError, FloatingPointError) as e:
+                print(f"{label}: {type(e).__name__}: {e}")
+                continue
+        msgs = [str(w.message) for w in rec if issubclass(w.category, (SamplerDiagnosticWarning,
+                                                                         UserWarning))]
+        a_abs, _ = cluster_ari(np.abs(lk.kernel_), task, 3)
+        drows.append([label, f"{lk.step_size_:.3g}", lk.thin_,
+                      " ".join(f"{e:.0f}" for e in lk.ess_),
+                      " ".join(f"{r:.3f}" for r in lk.rhat_), f"{lk.rhat_pooled_:.3f}",
+                      lk.split_half_reliability_, a_abs, len(msgs)])
+        for m in msgs:
+            print(f"{label} warning: {m}")
+    print_table(drows, ["run", "step_size_", "thin_", "ess_", "rhat_", "rhat_pooled_",
+                        "split-half r", "ARI (abs K)", "warnings"],
+                title="(5b) Self-checks on a healthy and on broken runs "
+                      "(make_multitask_subspaces, seed 0)")
+
+
 SECTIONS = {"closed": closed_form, "multitask": multitask, "hierarchy": hierarchy,
-            "mislabel": mislabel}
+            "mislabel": mislabel, "defaults": defaults}
 
 
 def main(argv=None):

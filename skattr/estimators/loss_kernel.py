@@ -47,6 +47,8 @@ _N_TRACKED = 128
 #: Diagnostic thresholds: split-half reliability below, R-hat above.
 _MIN_RELIABILITY = 0.5
 _MAX_RHAT = 1.1
+#: Fewer effective draws in all than this: entries carry noise above ~1/sqrt(100) = 0.1.
+_MIN_TOTAL_ESS = 100
 
 
 class LossKernel(TransformerMixin, BaseEstimator):
@@ -139,8 +141,9 @@ class LossKernel(TransformerMixin, BaseEstimator):
         chains disagree.
     split_half_reliability_ : float
         Correlation between the kernels (on the diagnostic points) of the first and of the
-        second halves of the draws; below 0.5 noise dominates and a
-        :class:`skattr.sampling.SamplerDiagnosticWarning` says so.
+        second halves of the draws.  A :class:`skattr.sampling.SamplerDiagnosticWarning` is
+        raised when it is below 0.5 (noise dominates), when ``ess_.sum() < 100`` (too few
+        effective draws) or when an R̂ exceeds 1.1.
     chain_seeds_ : list of int
     nbeta_ : float
     batch_size_ : int
@@ -416,6 +419,12 @@ class LossKernel(TransformerMixin, BaseEstimator):
             problems.append(
                 f"noise dominates the kernel: the kernels of the two halves of the draws "
                 f"correlate at only {r:.2f} (split_half_reliability_ < {_MIN_RELIABILITY})"
+            )
+        total = float(np.nansum(self.ess_))
+        if ok.any() and total < _MIN_TOTAL_ESS:
+            problems.append(
+                f"too few effective draws: {total:.0f} in all (sum of ess_ < {_MIN_TOTAL_ESS}), "
+                f"so the kernel's entries carry noise of about {1 / np.sqrt(max(total, 1)):.2f}"
             )
         worst = np.nanmax(np.r_[self.rhat_, self.rhat_pooled_]) if ok.any() else np.nan
         if np.isfinite(worst) and worst > _MAX_RHAT:
