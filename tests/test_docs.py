@@ -32,6 +32,8 @@ PAGES = [
     "training.md",
     "plotting.md",
     "main_job.md",
+    "tracin.md",
+    "attribution_core.md",
 ]
 
 NEEDS = {"plotting.md": ["matplotlib"]}
