@@ -13,6 +13,7 @@ from joblib import parallel_backend
 from sklearn.base import clone
 from sklearn.cluster import SpectralClustering
 from sklearn.decomposition import KernelPCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.pipeline import make_pipeline
 from sklearn.svm import SVC
@@ -406,23 +407,25 @@ def test_a_broken_run_warns_that_noise_dominates():
 
 def test_auto_defaults_are_deterministic_clonable_and_picklable():
     X, y, model = _classifier()
-    kw = dict(n_chains=2, n_draws=40)
-    a = LossKernel(model, **kw, random_state=5).fit(X, y)
-    b = LossKernel(model, **kw, random_state=5).fit(X, y)
+    kw = dict(n_chains=2, n_draws=30, burn_in=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # few draws: warned, not tested here
+        a = LossKernel(model, **kw, random_state=0).fit(X, y)
+        b = LossKernel(model, **kw, random_state=0).fit(X, y)
+        with parallel_backend("threading"):
+            c = LossKernel(model, **kw, random_state=0, n_jobs=2).fit(X, y)
     np.testing.assert_array_equal(a.kernel_, b.kernel_)
     assert a.step_size_ == b.step_size_ and a.split_half_reliability_ == b.split_half_reliability_
-    with parallel_backend("threading"):
-        c = LossKernel(model, **kw, random_state=5, n_jobs=2).fit(X, y)
     assert c.step_size_ == a.step_size_ and c.thin_ == a.thin_
     np.testing.assert_allclose(c.kernel_, a.kernel_, atol=1e-12)
     np.testing.assert_array_equal(c.ess_, a.ess_)
-    np.testing.assert_allclose(a.transform(X, y), a.kernel_, atol=1e-8)  # replay, same ε
     cl = clone(a)
     assert cl.get_params()["step_size"] == "auto" and cl.get_params()["thin"] == "auto"
     a2 = pickle.loads(pickle.dumps(a))
     np.testing.assert_array_equal(a2.kernel_, a.kernel_)
     assert a2.step_size_ == a.step_size_ and a2.calibration_.accepted == a.calibration_.accepted
-    np.testing.assert_allclose(a2.transform(X[:5], y[:5]), a.transform(X[:5], y[:5]))
+    # transform replays the fitted draws (same calibrated step) after pickling
+    np.testing.assert_allclose(a2.transform(X[:5], y[:5]), a.kernel_[:5], atol=1e-8)
 
 
 def test_ess_rhat_and_reliability_on_known_series():
