@@ -311,8 +311,15 @@ def _structured_once(module, specs, x, output, y, loss, outputs, clone_out, clon
             vals = output_values(output, z, y, loss)
             missing = [n for n in specs if n not in captured]
             if missing:
-                raise _Unsupported(f"{missing[0]!r} holds selected parameters but its forward "
-                                   "is never called (its parameters are used another way)")
+                # a layer never called: its parameters are either unused (a forward pass that
+                # stops early, as a probe's does: left out, as before) or used another way
+                ps = [getattr(specs[n][0], pn) for n in missing for pn in specs[n][1]]
+                used = torch.autograd.grad(vals.sum(), ps, retain_graph=True, allow_unused=True)
+                if any(g is not None for g in used):
+                    raise _Unsupported(f"{missing[0]!r} holds selected parameters but its "
+                                       "forward is never called (its parameters are used "
+                                       "another way)")
+                specs = {n: v for n, v in specs.items() if n in captured}
             bad_out = {n for n in specs for c in captured[n] if c[1]._version != c[2]}
             bad_in = {n for n in specs for c in captured[n]
                       if n not in clone_in and c[4]._version != c[3]}
