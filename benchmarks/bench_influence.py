@@ -15,7 +15,7 @@ safetensors psutil huggingface_hub``; it needs no torchvision), both with the em
 scores, interleaved repeats, after one warm-up run of each.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_influence.py --part convergence
-    OMP_NUM_THREADS=1 python benchmarks/bench_influence.py --part kronfluence
+    OMP_NUM_THREADS=1 python benchmarks/bench_influence.py --part kronfluence [--kf-arch cnn]
 """
 
 from __future__ import annotations
@@ -138,9 +138,18 @@ def kronfluence_side_by_side(args):
     n, t = args.kf_train, args.kf_test
     Xtr, ytr, Xte, yte = X[:n], y[:n], X[n : n + t], y[n : n + t]
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, args.kf_hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(args.kf_hidden, args.kf_hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(args.kf_hidden, 10))
+    h = args.kf_hidden
+    if args.kf_arch == "mlp":
+        net = torch.nn.Sequential(torch.nn.Linear(64, h), torch.nn.ReLU(), torch.nn.Linear(h, h),
+                                  torch.nn.ReLU(), torch.nn.Linear(h, 10))
+        arch = f"MLP 64-{h}-{h}-10 (ReLU)"
+    else:
+        X = X.reshape(-1, 1, 8, 8)
+        Xtr, Xte = X[:n], X[n : n + t]
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
+        arch = "CNN conv(1-16, 3x3)-conv(16-32, 3x3, stride 2)-linear(512-10) (ReLU)"
     model = TorchModel(net, epochs=20, lr=0.1, batch_size=32, random_state=0).fit(Xtr, ytr)
     lam = args.kf_damping
     bs = args.kf_batch
@@ -193,8 +202,7 @@ def kronfluence_side_by_side(args):
             else:
                 S_kf = S
     D = sum(p.numel() for p in model.network().parameters())
-    print(f"digits: {n} train, {t} queries; MLP 64-{args.kf_hidden}-{args.kf_hidden}-10 (ReLU), "
-          f"D = {D}, float32, damping = {lam} (absolute), empirical Fisher, batch {bs}; "
+    print(f"digits: {n} train, {t} queries; {arch}, D = {D}, float32, damping = {lam} (absolute), empirical Fisher, batch {bs}; "
           f"torch threads {torch.get_num_threads()}\n")
     print("| | skattr EK-FAC | kronfluence EK-FAC |")
     print("|---|---:|---:|")
@@ -202,7 +210,8 @@ def kronfluence_side_by_side(args):
     print(f"| factors + {t} x {n} scores, median of {args.repeats} (s) | {ts:.3f} | {tk:.3f} |")
     print(f"\nspeed ratio kronfluence / skattr: {tk / ts:.2f}x")
     print(f"scores: Pearson {pearson(S_sk, S_kf):.6f}, Spearman {spearman(S_sk, S_kf):.6f}, "
-          f"rel. max difference {rel_err(S_sk, S_kf):.2e} (kronfluence's sign: same)")
+          f"rel. max difference {rel_err(S_sk, S_kf):.2e} (signs "
+          f"{'agree' if pearson(S_sk, S_kf) > 0 else 'are opposite'})")
     # the Gauss-Newton variant against kronfluence's (sampled) true Fisher
     S_g, S_t = run_skattr("ggn"), run_kf("true", tag="true")
     print(f"skattr fisher='ggn' vs kronfluence true Fisher (sampled labels): Pearson "
@@ -231,6 +240,7 @@ def main():
     ap.add_argument("--kf-train", type=int, default=1500)
     ap.add_argument("--kf-test", type=int, default=100)
     ap.add_argument("--kf-hidden", type=int, default=128)
+    ap.add_argument("--kf-arch", choices=["mlp", "cnn"], default="mlp")
     ap.add_argument("--kf-damping", type=float, default=1e-3)
     ap.add_argument("--kf-batch", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)

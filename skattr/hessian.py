@@ -550,6 +550,11 @@ class GGNOutput(ModelOutput):
         return {"type": "ggn", "loss": self.loss.describe()}
 
 
+def _sandwich(fac, R):
+    """``Q_S R Q_A^T`` for a batch ``R`` (t, d_out, d_in), with right products only."""
+    return ((R @ fac["QA"].T).mT @ fac["QS"].T).mT
+
+
 class EKFAC:
     """Eigenvalue-corrected Kronecker-factored ``(F + lambda I)^-1``, block-diagonal by layer.
 
@@ -657,7 +662,9 @@ class EKFAC:
         G = G.to(torch.float64)
         for b, fac in zip(sp.blocks, self.factors_):
             if b.kron:
-                R = fac["QS"].T @ sp.to_kron(b, G) @ fac["QA"]  # (t, d_out, d_in)
+                # Q_S^T G Q_A for G (t, d_out, d_in), with right products only (a 2-D factor on
+                # the left of a batch would be broadcast to a copy per target)
+                R = ((sp.to_kron(b, G) @ fac["QA"]).mT @ fac["QS"]).mT
                 yield b, fac, R
             elif "V" in fac:
                 yield b, fac, G[:, b.start : b.stop] @ fac["V"]
@@ -670,7 +677,7 @@ class EKFAC:
         for b, fac, R in self._blocks(G):
             R = R / (fac["lam"] + self.damping)
             if b.kron:
-                out[:, b.start : b.stop] = sp.from_kron(b, fac["QS"] @ R @ fac["QA"].T)
+                out[:, b.start : b.stop] = sp.from_kron(b, _sandwich(fac, R))
             elif "V" in fac:
                 out[:, b.start : b.stop] = R @ fac["V"].T
             else:
@@ -692,7 +699,7 @@ class EKFAC:
         for b, fac, R in self._blocks(E):
             R = R * fac["lam"]
             if b.kron:
-                out[:, b.start : b.stop] = sp.from_kron(b, fac["QS"] @ R @ fac["QA"].T)
+                out[:, b.start : b.stop] = sp.from_kron(b, _sandwich(fac, R))
             elif "V" in fac:
                 out[:, b.start : b.stop] = R @ fac["V"].T
             else:
