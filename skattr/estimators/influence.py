@@ -135,10 +135,10 @@ class InfluenceFunction(BaseAttributor):
     >>> X = (X / 16).astype("float32")
     >>> net = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
     >>> model = TorchModel(net, epochs=5, lr=0.1, random_state=0).fit(X[:200], y[:200])
-    >>> inf = InfluenceFunction(model, solver="exact", damping=0.01).fit(X[:200], y[:200])
+    >>> inf = InfluenceFunction(model, solver="exact", damping=0.2).fit(X[:200], y[:200])
     >>> inf.attribute(X[200:203], y[200:203]).shape
     (3, 200)
-    >>> ek = InfluenceFunction(model, solver="ekfac", damping=0.01).fit(X[:200], y[:200])
+    >>> ek = InfluenceFunction(model, solver="ekfac", damping=0.2).fit(X[:200], y[:200])
     >>> bool((ek.self_influence() > 0).all())
     True
     """
