@@ -1,0 +1,467 @@
+"""Hypergradients of SGD training with respect to per-example loss weights (HYDRA's recursion).
+
+Training minimises, at step ``t``, the weighted mean-reduced batch loss
+
+    L_t(theta; w) = (1 / |B_t|) sum_{j in B_t} w_j l_j(theta),      (w = 1 in the actual run)
+
+with PyTorch's SGD (dampening 0, no Nesterov, one parameter group)::
+
+    g_t = grad L_t(theta_t) + lambda theta_t;  buf_t = mu buf_{t-1} + g_t;  theta_{t+1} = theta_t - eta_t buf_t.
+
+Differentiating with respect to ``w_i`` gives, for ``d_t = d theta_t / d w_i`` and
+``m_t = d buf_t / d w_i`` (``d_0 = 0``, ``m_{-1} = 0``)::
+
+    m_t     = mu m_{t-1} + lambda d_t + H_t d_t + 1[i in B_t] / |B_t| grad l_i(theta_t)
+    d_{t+1} = d_t - eta_t m_t
+
+with ``H_t`` the Hessian of ``L_t(.; 1)`` at ``theta_t`` (``hessian="exact"``), its generalised
+Gauss-Newton matrix (``"gauss-newton"``) or zero (``"none"``: HYDRA's Hessian-free version).
+
+Without the Hessian the recursion is linear in ``(d, m)`` with *scalar* coefficients: writing the
+state after step ``t`` as ``s_t = (d_{t+1}, m_t)``,
+
+    s_t = A_t s_{t-1} + b_t g_{i,t},   A_t = [[1 - eta_t lambda, -eta_t mu], [lambda, mu]],   b_t = (-eta_t, 1),
+
+so ``d_T = sum_t a_t g_{i,t}`` with ``a_t = e_1^T A_{T-1} ... A_{t+1} b_t``
+(:func:`lean_coefficients`, one backward pass over the scalars) and ``g_{i,t} = 1[i in B_t] /
+|B_t| grad l_i(theta_t)``.  :class:`LazyRecursion` carries ``d_i`` (or ``P d_i``) for every
+example and updates only the examples of the batch, applying the product of the ``A``'s of the
+steps an example was absent from when it next appears (the authors' lazy scheme, exactly);
+:class:`LeanRecursion` accumulates ``-sum_t a_t g_{i,t} . grad l(x, theta_T)`` for fixed targets
+``x`` (one scalar per example and target); :class:`DenseRecursion` carries the full vectors with
+Hessian- or Gauss-Newton-vector products at every step.
+
+:func:`replay` re-runs a :class:`~skattr.training.TrajectoryRecorder`'s training from its first
+checkpoint with the recorded batches and learning rates, checking it against the recorded losses
+and checkpoints, and calls a recursion at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from . import gradients as _grad
+
+__all__ = [
+    "check_followable",
+    "check_sgd_optimizer",
+    "check_sgd_state",
+    "lean_coefficients",
+    "step_matrix",
+    "LazyRecursion",
+    "LeanRecursion",
+    "DenseRecursion",
+    "replay",
+]
+
+_NOT_SGD = (
+    "HYDRA follows torch.optim.SGD (momentum, weight decay, no dampening, no Nesterov, one "
+    "parameter group) only; {what}. Adam's hypergradient recursion (the authors' Adam variant) is "
+    "not implemented: train with TorchModel (plain SGD) to attribute with HYDRA."
+)
+
+
+# ------------------------------------------------------------------------------ checks
+def check_sgd_state(state_dict):
+    """``(momentum, weight_decay)`` of a recorded ``optimizer.state_dict()``; ``ValueError`` for an
+    optimizer the recursion cannot follow (Adam, dampening, Nesterov, several groups)."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not groups:
+        raise ValueError(_NOT_SGD.format(what="the recorded optimizer state has no parameter group"))
+    if len(groups) != 1:
+        raise ValueError(_NOT_SGD.format(what=f"the recorded optimizer has {len(groups)} parameter groups"))
+    g = groups[0]
+    if "betas" in g or "momentum" not in g or "dampening" not in g:
+        kind = "Adam-like (betas)" if "betas" in g else "not SGD"
+        raise ValueError(_NOT_SGD.format(what=f"the recorded optimizer is {kind}: keys {sorted(g)}"))
+    if float(g.get("dampening", 0.0)) != 0.0:
+        raise ValueError(_NOT_SGD.format(what=f"dampening={g['dampening']}"))
+    if g.get("nesterov", False):
+        raise ValueError(_NOT_SGD.format(what="nesterov=True"))
+    if g.get("maximize", False):
+        raise ValueError(_NOT_SGD.format(what="maximize=True"))
+    return float(g["momentum"]), float(g["weight_decay"])
+
+
+def check_sgd_optimizer(opt):
+    """As :func:`check_sgd_state` for a live optimizer."""
+    if not isinstance(opt, torch.optim.SGD):
+        raise ValueError(_NOT_SGD.format(what=f"the optimizer is {type(opt).__name__}"))
+    return check_sgd_state(opt.state_dict())
+
+
+def check_followable(net):
+    """``ValueError`` for layers that couple the examples of a batch or are random in training
+    (BatchNorm, Dropout): the per-example weights' hypergradient assumes neither."""
+    bad = [type(m).__name__ for m in net.modules()
+           if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
+                             torch.nn.AlphaDropout))]
+    if bad:
+        raise ValueError(
+            f"HYDRA cannot follow a network with {sorted(set(bad))} layers: in training they couple "
+            "the examples of a batch (batch statistics) or are random (dropout), so the per-example "
+            "loss weights' hypergradient is not the recursion HYDRA carries. Use a network without them."
+        )
+
+
+# ------------------------------------------------------------------------------ scalars
+def step_matrix(lr, momentum, weight_decay):
+    """``A_t`` (4 floats, row-major) and ``b_t`` (2 floats) of one Hessian-free step on ``(d, m)``."""
+    return (1.0 - lr * weight_decay, -lr * momentum, weight_decay, momentum), (-lr, 1.0)
+
+
+def lean_coefficients(lrs, momentum, weight_decay):
+    """``a_t`` (T,) with ``d_T = sum_t a_t g_t`` for gradients ``g_t`` injected into the momentum
+    buffer at step ``t`` (the Hessian-free recursion).  With ``momentum = weight_decay = 0``,
+    ``a_t = -eta_t``."""
+    T = len(lrs)
+    a = np.empty(T, dtype=np.float64)
+    r0, r1 = 1.0, 0.0  # row vector e_1^T A_{T-1} ... A_{t+1}
+    for t in range(T - 1, -1, -1):
+        (a11, a12, a21, a22), (b0, b1) = step_matrix(float(lrs[t]), momentum, weight_decay)
+        a[t] = r0 * b0 + r1 * b1
+        r0, r1 = r0 * a11 + r1 * a21, r0 * a12 + r1 * a22
+    return a
+
+
+# ------------------------------------------------------------------------------ gradients
+class GradientSource:
+    """Per-example loss gradients of a model's network, flat or projected (``P g / sqrt(k)``)."""
+
+    def __init__(self, model, output, projector=None, method="auto"):
+        self.model, self.output, self.projector, self.method = model, output, projector, method
+        self.prefixes = output.prefixes(model.prefixes_)
+
+    def records(self, net, xb, yb):
+        was = net.training
+        net.eval()
+        try:
+            return _grad.compute_records(net, xb, output=self.output, y=yb, loss=self.model.loss_fn,
+                                         prefixes=self.prefixes, method=self.method)
+        finally:
+            net.train(was)
+
+    def features(self, net, xb, yb):
+        """(n, k) float64."""
+        recs = self.records(net, xb, yb)
+        return self.project(recs)
+
+    def project(self, recs):
+        P = self.projector
+        if P is None:
+            return _grad.flatten(recs)[:, 0].to(torch.float64)
+        n = _grad.records_shape(recs)[0]
+        out = torch.zeros(n, 1, P.k, dtype=P.dtype, device=P.device)
+        _grad.project(recs, P, out=out)
+        return out[:, 0].to(torch.float64) / math.sqrt(P.k)
+
+
+def take_records(recs, rows):
+    """Rows ``rows`` of a list of gradient records."""
+    out = []
+    for r in recs:
+        if isinstance(r, _grad.KronRecord):
+            out.append(_grad.KronRecord(r.key, r.x[rows], r.d[rows], r.bias))
+        else:
+            out.append(_grad.DenseRecord(r.key, r.g[rows]))
+    return out
+
+
+def cat_records(parts):
+    """Concatenate lists of gradient records along the examples."""
+    out = []
+    for rs in zip(*parts):
+        r = rs[0]
+        if isinstance(r, _grad.KronRecord):
+            out.append(_grad.KronRecord(r.key, torch.cat([q.x for q in rs]), torch.cat([q.d for q in rs]), r.bias))
+        else:
+            out.append(_grad.DenseRecord(r.key, torch.cat([q.g for q in rs])))
+    return out
+
+
+def row_dots(ra, rb):
+    """``grad_a[j] . grad_b[j]`` for paired rows of two record lists, (n,)."""
+    tot = None
+    for a, b in zip(ra, rb):
+        if isinstance(a, _grad.KronRecord) and a.L == 1:
+            term = (a.a[:, 0] * b.a[:, 0]).sum(-1) * (a.d[:, 0] * b.d[:, 0]).sum((-1, -2))
+        else:
+            term = (a.dense() * b.dense()).sum((-1, -2))
+        tot = term if tot is None else tot + term
+    return tot
+
+
+# ------------------------------------------------------------------------------ recursions
+class LazyRecursion:
+    """Hessian-free ``(d_i, m_i)`` (or their projections) for the tracked examples, updated only
+    when an example is in the batch; the steps it was absent from are applied then, exactly, as
+    the product of their 2x2 scalar step matrices."""
+
+    def __init__(self, source, tracked, n_train, momentum, weight_decay, dim, device):
+        self.source = source
+        self.tracked = np.asarray(tracked)
+        self.pos = np.full(n_train, -1, dtype=np.int64)
+        self.pos[self.tracked] = np.arange(len(self.tracked))
+        self.mu, self.wd = float(momentum), float(weight_decay)
+        self.S = torch.zeros(len(self.tracked), 2, dim, dtype=torch.float64, device=device)
+        self.last = np.full(len(self.tracked), -1, dtype=np.int64)
+        self.A = []  # step matrices of every step so far
+        self.t = 0
+
+    def _catch_up(self, rows, t):
+        """Apply ``A_{t-1} ... A_{last+1}`` to the rows (examples absent since their last step)."""
+        last = self.last[rows]
+        seen = last >= 0
+        if not np.any(seen & (last < t - 1)):
+            return
+        lo = int(last[seen].min()) + 1
+        prods = {}
+        p = (1.0, 0.0, 0.0, 1.0)
+        for s in range(t - 1, lo - 1, -1):  # p = A_{t-1} ... A_s
+            a = self.A[s]
+            p = (p[0] * a[0] + p[1] * a[2], p[0] * a[1] + p[1] * a[3],
+                 p[2] * a[0] + p[3] * a[2], p[2] * a[1] + p[3] * a[3])
+            prods[s] = p
+        ident = (1.0, 0.0, 0.0, 1.0)
+        phi = torch.tensor([prods.get(int(s) + 1, ident) if ok else ident for s, ok in zip(last, seen)],
+                           dtype=torch.float64, device=self.S.device).view(-1, 2, 2)
+        rt = torch.as_tensor(rows, device=self.S.device)
+        self.S[rt] = torch.einsum("nij,njk->nik", phi, self.S[rt])
+
+    def step(self, net, Xt, yt, idx, lr):
+        t = self.t
+        Amat, b = step_matrix(float(lr), self.mu, self.wd)
+        self.A.append(Amat)
+        idx = np.asarray(idx)
+        rows = self.pos[idx]
+        keep = rows >= 0
+        if np.any(keep):
+            rows, sel = rows[keep], idx[keep]
+            st = torch.as_tensor(sel, device=Xt.device)
+            g = self.source.features(net, Xt[st], yt[st]) / len(idx)
+            self._catch_up(rows, t)
+            rt = torch.as_tensor(rows, device=self.S.device)
+            d, m = self.S[rt, 0], self.S[rt, 1]
+            d2 = Amat[0] * d + Amat[1] * m + b[0] * g
+            m2 = Amat[2] * d + Amat[3] * m + b[1] * g
+            self.S[rt, 0], self.S[rt, 1] = d2, m2
+            self.last[rows] = t
+        self.t += 1
+
+    def finish(self):
+        """``d_i`` after the last step, (n_tracked, dim) float64."""
+        self._catch_up(np.arange(len(self.tracked)), self.t)
+        self.last[self.last >= 0] = self.t - 1
+        return self.S[:, 0]
+
+
+class LeanRecursion:
+    """``-grad l(x, theta_T) . d_i`` for fixed targets, accumulated over a replay from the
+    Hessian-free closed form ``d_i = sum_t a_t g_{i,t}`` (one scalar per example and target)."""
+
+    def __init__(self, source, tracked, n_train, coefficients, target_records, self_records=None):
+        self.source = source
+        self.tracked = np.asarray(tracked)
+        self.pos = np.full(n_train, -1, dtype=np.int64)
+        self.pos[self.tracked] = np.arange(len(self.tracked))
+        self.a = np.asarray(coefficients, dtype=np.float64)
+        self.rx = target_records
+        self.rself = self_records
+        n_t = _grad.records_shape(target_records)[0] if target_records is not None else 0
+        dev = source.model.device_
+        self.scores = torch.zeros(n_t, len(self.tracked), dtype=torch.float64, device=dev)
+        self.self_scores = torch.zeros(len(self.tracked), dtype=torch.float64, device=dev)
+        self.t = 0
+
+    def step(self, net, Xt, yt, idx, lr):
+        t = self.t
+        idx = np.asarray(idx)
+        rows = self.pos[idx]
+        keep = rows >= 0
+        if np.any(keep):
+            rows, sel = rows[keep], idx[keep]
+            st = torch.as_tensor(sel, device=Xt.device)
+            rb = self.source.records(net, Xt[st], yt[st])
+            c = -self.a[t] / len(idx)
+            rt = torch.as_tensor(rows, device=self.scores.device)
+            if self.rx is not None:
+                K = _grad.gram(self.rx, rb).to(torch.float64)
+                self.scores[:, rt] += c * K
+            if self.rself is not None:
+                self.self_scores[rt] += c * row_dots(take_records(self.rself, rt), rb).to(torch.float64)
+        self.t += 1
+
+
+class DenseRecursion:
+    """``(d_i, m_i)`` for every tracked example as full parameter vectors, with Hessian-vector
+    (``"exact"``) or Gauss-Newton-vector (``"gauss-newton"``) products of the batch loss at every
+    step (or none)."""
+
+    def __init__(self, source, tracked, n_train, momentum, weight_decay, net, hessian, chunk=64):
+        self.source = source
+        self.tracked = np.asarray(tracked)
+        self.pos = np.full(n_train, -1, dtype=np.int64)
+        self.pos[self.tracked] = np.arange(len(self.tracked))
+        self.mu, self.wd = float(momentum), float(weight_decay)
+        self.hessian, self.chunk = hessian, int(chunk)
+        self.names = [n for n, p in net.named_parameters() if p.requires_grad]
+        self.shapes = [p.shape for n, p in net.named_parameters() if p.requires_grad]
+        p = sum(int(np.prod(s)) for s in self.shapes)
+        dev = next(net.parameters()).device
+        self.D = torch.zeros(len(self.tracked), p, dtype=torch.float64, device=dev)
+        self.M = torch.zeros_like(self.D)
+        self.t = 0
+
+    def _unflat(self, theta):
+        out, c = {}, 0
+        for n, s in zip(self.names, self.shapes):
+            k = int(np.prod(s))
+            out[n] = theta[c : c + k].view(s)
+            c += k
+        return out
+
+    def _curvature(self, net, xb, yb, V):
+        params = dict(net.named_parameters())
+        dtype = params[self.names[0]].dtype
+        theta = torch.cat([params[n].detach().reshape(-1) for n in self.names])
+        loss_fn = self.source.model.loss_fn
+
+        def f(th):
+            z = functional_call(net, self._unflat(th), (xb,))
+            return z[:, None] if z.ndim == 1 else z
+
+        def lz(z):
+            return loss_fn(z, yb).mean()
+
+        if self.hessian == "exact":
+            g = grad(lambda th: lz(f(th)))
+
+            def prod(v):
+                return jvp(g, (theta,), (v,))[1]
+        else:
+            z0, vjp_fn = vjp(f, theta)
+            gz = grad(lz)
+
+            def prod(v):
+                Jv = jvp(f, (theta,), (v,))[1]
+                return vjp_fn(jvp(gz, (z0,), (Jv,))[1])[0]
+
+        out = torch.empty_like(V)
+        was = net.training
+        net.eval()
+        try:
+            for i in range(0, V.shape[0], self.chunk):
+                out[i : i + self.chunk] = vmap(prod)(V[i : i + self.chunk].to(dtype)).to(torch.float64)
+        finally:
+            net.train(was)
+        return out
+
+    def step(self, net, Xt, yt, idx, lr):
+        idx = np.asarray(idx)
+        it = torch.as_tensor(idx, device=Xt.device)
+        M = self.mu * self.M + self.wd * self.D
+        if self.hessian != "none":
+            M += self._curvature(net, Xt[it], yt[it], self.D)
+        rows = self.pos[idx]
+        keep = rows >= 0
+        if np.any(keep):
+            st = torch.as_tensor(idx[keep], device=Xt.device)
+            g = self.source.features(net, Xt[st], yt[st]) / len(idx)
+            M[torch.as_tensor(rows[keep], device=M.device)] += g
+        self.M = M
+        self.D = self.D - float(lr) * M
+        self.t += 1
+
+    def finish(self):
+        return self.D
+
+
+# ------------------------------------------------------------------------------ replay
+def _rel_diff(a, b):
+    a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+    return float((a - b).norm() / max(float(b.norm()), 1e-30))
+
+
+def replay(model, trajectory, Xt, yt, recursion=None, *, check=True, rtol=1e-4, verbose=0):
+    """Re-run ``trajectory``'s training on ``model``'s network (fitted TorchModel whose network
+    is set to the first checkpoint by this function) and call ``recursion.step`` before every
+    update.
+
+    The replay is checked against the recording: every step's mini-batch loss against
+    ``trajectory.losses_`` and the parameters against every recorded checkpoint (relative
+    tolerance ``rtol``); a mismatch means the data or the architecture differ from the
+    recording (``ValueError``).  A non-finite loss raises ``FloatingPointError``.
+    """
+    net = model.module_
+    ck0 = trajectory.checkpoints_[0][1]
+    try:
+        net.load_state_dict(ck0)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        raise ValueError(
+            "The trajectory's network differs from the model's (a different architecture): "
+            f"{lines[0]} {lines[1:3]}"
+        ) from None
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=float(trajectory.lrs_[0]), momentum=trajectory.momentum_,
+                          weight_decay=trajectory.weight_decay_)
+    try:
+        opt.load_state_dict(trajectory.optimizer_states_[0])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"The trajectory's optimizer state does not fit the model's network: {exc}") from None
+    checkpoints = {int(s): sd for s, sd in trajectory.checkpoints_[1:]}
+    T = len(trajectory.batches_)
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=T, desc="HYDRA: replay", leave=False)
+    for t in range(T):
+        idx = np.asarray(trajectory.batches_[t])
+        lr = float(trajectory.lrs_[t])
+        for gp in opt.param_groups:
+            gp["lr"] = lr
+        it = torch.as_tensor(idx, device=Xt.device)
+        if recursion is not None:
+            recursion.step(net, Xt, yt, idx, lr)
+        out = net(Xt[it])
+        if out.ndim == 1:
+            out = out[:, None]
+        loss = model.loss_fn(out, yt[it]).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The replayed training loss became {loss.item()} at step {t}: the run diverged "
+                "(lower the learning rate)."
+            )
+        if check and t < len(trajectory.losses_):
+            rec = float(trajectory.losses_[t])
+            if not math.isclose(float(loss.detach()), rec, rel_tol=max(rtol, 1e-6) * 10, abs_tol=1e-6):
+                raise ValueError(
+                    f"The replay does not reproduce the recorded training: at step {t} the batch "
+                    f"loss is {float(loss.detach()):.6g}, the recording's {rec:.6g}. The training data "
+                    "(X, y) or the network differ from those of the recorded run."
+                )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if check and (t + 1) in checkpoints:
+            sd = checkpoints[t + 1]
+            cur = net.state_dict()
+            err = max(_rel_diff(cur[k], sd[k]) for k in sd)
+            if err > rtol:
+                raise ValueError(
+                    f"The replay does not reproduce the recorded checkpoint at step {t + 1} "
+                    f"(relative difference {err:.2e}): the training data or the network differ "
+                    "from those of the recorded run."
+                )
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    net.eval()
+    return net

@@ -1,0 +1,323 @@
+"""HYDRA against autograd through the whole unrolled training run.
+
+The reference re-implements PyTorch's SGD (momentum, weight decay, the recorded learning rates
+and batches) functionally with per-example loss weights ``w`` and differentiates ``theta_T``
+with respect to ``w`` by ``torch.autograd.functional.jacobian``; it uses neither
+``skattr.gradients`` nor ``skattr.hypergradients``.  Variants of the reference: exact (the
+network's full second-order dependence), Hessian-free (the gradient of each step taken at a
+detached ``theta_t``: only the explicit dependence on ``w``) and Gauss-Newton (the network
+linearised at each ``theta_t``).
+"""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from torch import nn
+from torch.func import functional_call
+
+from skattr import TorchModel, TrajectoryRecorder
+from skattr import hypergradients as hg
+from skattr.estimators.hydra import HYDRA
+
+N, D_IN, C = 24, 4, 3
+
+
+def _data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, D_IN))
+    y = rng.integers(0, C, size=n)
+    y[:C] = np.arange(C)
+    return X, y
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, 5), nn.Tanh(), nn.Linear(5, C)).double()
+
+
+def _model(epochs=6, **kw):
+    # 6 epochs x 3 steps (batch 8 of 24 plus a ragged last batch when n is not a multiple)
+    params = dict(epochs=epochs, batch_size=8, lr=0.3, momentum=0.9, weight_decay=0.05,
+                  lr_schedule="cosine", dtype="float64", random_state=0)
+    params.update(kw)
+    return TorchModel(_net(), **params)
+
+
+def _recorded(X, y, **kw):
+    m = _model(callbacks=[TrajectoryRecorder()], **kw).fit(X, y)
+    return m, m.callbacks_[0]
+
+
+# ------------------------------------------------------------------ the independent reference
+def _unrolled_jacobian(net, rec, X, y, variant="exact", steps=None):
+    """d theta_T / d w (p, n) by autograd through the unrolled SGD run of ``rec``."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    sizes = [int(np.prod(s)) for s in shapes]
+    sd = rec.checkpoints_[0][1]
+    theta0 = torch.cat([sd[n].reshape(-1) for n in names]).double()
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    mu, wd = rec.momentum_, rec.weight_decay_
+    T = len(rec.batches_) if steps is None else steps
+
+    def f(th, xb):
+        parts = dict(zip(names, (t.view(s) for t, s in zip(torch.split(th, sizes), shapes))))
+        return functional_call(net, parts, (xb,))
+
+    def loss(z, yb, wb):
+        return (wb * torch.nn.functional.cross_entropy(z, yb, reduction="none")).sum() / len(yb)
+
+    def run(w):
+        theta = theta0.clone().requires_grad_(True)
+        buf = None
+        for t in range(T):
+            idx = torch.as_tensor(rec.batches_[t])
+            xb, yb, wb = Xt[idx], yt[idx], w[idx]
+            if variant == "exact":
+                g = torch.autograd.grad(loss(f(theta, xb), yb, wb), theta, create_graph=True)[0]
+            elif variant == "none":
+                th = theta.detach().requires_grad_(True)
+                g = torch.autograd.grad(loss(f(th, xb), yb, wb), th, create_graph=True)[0]
+            else:  # Gauss-Newton: the network linearised at theta_t
+                tb = theta.detach()
+                J = torch.autograd.functional.jacobian(lambda p, xb=xb: f(p, xb), tb)  # (B, C, p)
+                z = f(tb, xb).detach() + torch.einsum("bcp,p->bc", J, theta - tb)
+                gz = torch.autograd.grad(loss(z, yb, wb), z, create_graph=True)[0]
+                g = torch.einsum("bcp,bc->p", J, gz)
+            g = g + wd * theta
+            buf = g if buf is None else mu * buf + g
+            theta = theta - rec.lrs_[t] * buf
+        return theta
+
+    return torch.autograd.functional.jacobian(run, torch.ones(len(X), dtype=torch.float64))
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def run():
+    X, y = _data()
+    model, rec = _recorded(X, y)
+    ref = {v: _unrolled_jacobian(_net(), rec, X, y, v).T.numpy() for v in ("exact", "none", "gauss-newton")}
+    return X, y, model, rec, ref
+
+
+# ------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("hessian", ["exact", "none", "gauss-newton"])
+def test_hypergradients_equal_unrolled_autograd(run, hessian):
+    X, y, model, rec, ref = run
+    h = HYDRA(_model(), hessian=hessian).fit(X, y)
+    Dref = ref[hessian]
+    assert len(rec.batches_) == 18 and len(set(rec.lrs_)) > 10  # a changing learning rate
+    # every example, 1e-6 relative
+    for i in range(N):
+        assert _rel(h.hypergradients_[i], Dref[i]) < 1e-6, i
+    # the trained network is the recorded one
+    sd = h.model_.module_.state_dict()
+    for k, v in model.module_.state_dict().items():
+        torch.testing.assert_close(sd[k], v)
+
+
+def test_hessian_free_differs_from_exact(run):
+    X, y, _, _, ref = run
+    err = _rel(ref["none"], ref["exact"])
+    assert err > 1e-3  # the Hessian matters on this run
+    assert _rel(ref["gauss-newton"], ref["exact"]) > 1e-4
+
+
+def test_replay_equals_training(run):
+    X, y, model, rec, _ = run
+    a = HYDRA(_model(), hessian="exact").fit(X, y)
+    b = HYDRA(_model(), hessian="exact", trajectory=rec).fit(X, y)
+    np.testing.assert_allclose(b.hypergradients_, a.hypergradients_, rtol=1e-10, atol=1e-14)
+    c = HYDRA(_model(), trajectory=rec).fit(X, y)
+    d = HYDRA(_model()).fit(X, y)
+    np.testing.assert_allclose(c.hypergradients_, d.hypergradients_, rtol=1e-10, atol=1e-14)
+    assert c.replayed_ and not d.replayed_
+
+
+def test_scores_sign_and_scale(run):
+    """c_i(x) = -grad l(x, theta_T) . d_i, checked against a finite difference of the actual
+    retraining with w_i = 1 - eps (the first-order increase of the test loss on removal)."""
+    X, y, _, rec, ref = run
+    h = HYDRA(_model(), hessian="exact").fit(X, y)
+    Xq, yq = _data(5, seed=3)
+    S = h.attribute(Xq, yq)
+    assert S.shape == (5, N)
+    # reference: grad of the test loss at theta_T (autograd) dotted with the autograd Jacobian
+    net = h.model_.module_
+    xt, ytq = torch.as_tensor(Xq), torch.as_tensor(yq)
+    for j in range(5):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt[j : j + 1]), ytq[j : j + 1]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).numpy()
+        np.testing.assert_allclose(S[j], -(ref["exact"] @ g), rtol=1e-6, atol=1e-12)
+    # self-influence = -grad l_i(theta_T) . d_i
+    si = h.self_influence()
+    for i in (0, 7, 23):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(torch.as_tensor(X[i : i + 1])), torch.as_tensor(y[i : i + 1])).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).numpy()
+        np.testing.assert_allclose(si[i], -(ref["exact"][i] @ g), rtol=1e-6)
+    assert np.mean(si > 0) > 0.8  # up-weighting an example lowers its own loss
+
+
+def test_projected_equals_projection_of_full(run):
+    X, y, *_ = run
+    full = HYDRA(_model()).fit(X, y)
+    Xq, yq = _data(6, seed=4)
+    S_full = full.attribute(Xq, yq)
+    errs = []
+    for k in (8, 64, 1024):
+        pr = HYDRA(_model(), projection_dim=k, random_state=1).fit(X, y)
+        P = _projection_matrix(pr)
+        # P d_i from the recursion on projected gradients == P applied to the full d_i
+        np.testing.assert_allclose(pr.hypergradients_, full.hypergradients_ @ P.T, rtol=1e-6, atol=1e-10)
+        errs.append(_rel(pr.attribute(Xq, yq), S_full))
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 0.3, errs  # ~ 1/sqrt(k)
+
+
+def _projection_matrix(h):
+    """The fitted projection as a matrix (k, p), ``P / sqrt(k)``: least squares from the exact
+    and projected per-example gradients of many random examples (they span parameter space)."""
+    net = h.model_.network()
+    rng = np.random.default_rng(7)
+    Xr = torch.as_tensor(rng.normal(size=(400, D_IN)))
+    yr = torch.as_tensor(rng.integers(0, C, 400))
+    G = hg.GradientSource(h.model_, h.output_, None).features(net, Xr, yr).numpy()
+    F = h._source_.features(net, Xr, yr).numpy()
+    # the gradients span a subspace (softmax deltas sum to zero); every d_i lies in it, where
+    # the minimum-norm solution acts as P
+    return np.linalg.lstsq(G, F, rcond=None)[0].T
+
+
+def test_lean_equals_vector(run):
+    X, y, _, rec, _ = run
+    Xq, yq = _data(5, seed=5)
+    vec = HYDRA(_model()).fit(X, y)
+    lean = HYDRA(_model(), mode="lean").fit(X, y, X_target=Xq, y_target=yq)
+    np.testing.assert_allclose(lean.attribute(Xq, yq), vec.attribute(Xq, yq), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(lean.self_influence(), vec.self_influence(), rtol=1e-6, atol=1e-12)
+    # replaying a recorder in lean mode: the same
+    lean2 = HYDRA(_model(), mode="lean", trajectory=rec).fit(X, y, X_target=Xq, y_target=yq)
+    np.testing.assert_allclose(lean2.attribute(None), lean.attribute(None), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="only the targets given to fit"):
+        lean.attribute(Xq[:2], yq[:2])
+
+
+def test_lean_coefficients_closed_form():
+    # mu = lambda = 0: a_t = -eta_t (plain SGD: d_i = -sum eta_t / B grad l_i)
+    np.testing.assert_allclose(hg.lean_coefficients([0.1, 0.2, 0.3], 0.0, 0.0), [-0.1, -0.2, -0.3])
+    # momentum only, constant lr: an injection at step t moves theta by -eta (1 + mu + ... + mu^(T-1-t))
+    a = hg.lean_coefficients([0.1] * 4, 0.5, 0.0)
+    np.testing.assert_allclose(a, [-0.1 * sum(0.5**j for j in range(4 - t)) for t in range(4)])
+
+
+def test_tracked_subset(run):
+    X, y, *_ = run
+    full = HYDRA(_model(), hessian="exact").fit(X, y)
+    sub = HYDRA(_model(), hessian="exact", track=[3, 0, 17]).fit(X, y)
+    np.testing.assert_allclose(sub.hypergradients_, full.hypergradients_[[3, 0, 17]], rtol=1e-10)
+    S = sub.attribute(X[:2], y[:2])
+    assert np.isnan(S[:, 1]).all() and np.isfinite(S[:, [0, 3, 17]]).all()
+    sub2 = HYDRA(_model(), projection_dim=16, track=[3, 0, 17]).fit(X, y)
+    full2 = HYDRA(_model(), projection_dim=16).fit(X, y)
+    np.testing.assert_allclose(sub2.hypergradients_, full2.hypergradients_[[3, 0, 17]], rtol=1e-10)
+
+
+def test_ragged_batches_and_constant_lr():
+    X, y = _data(21)  # batches of 8, 8, 5
+    m = _model(epochs=3, lr_schedule=None, callbacks=[TrajectoryRecorder()]).fit(X, y)
+    rec = m.callbacks_[0]
+    ref = _unrolled_jacobian(_net(), rec, X, y, "exact").T.numpy()
+    h = HYDRA(_model(epochs=3, lr_schedule=None), hessian="exact").fit(X, y)
+    assert _rel(h.hypergradients_, ref) < 1e-6
+
+
+# ------------------------------------------------------------------ bad input
+def test_refuses_optimizer_it_cannot_follow(run):
+    X, y, _, rec, _ = run
+    bad = copy.deepcopy(rec)
+    g = bad.optimizer_states_[0]["param_groups"][0]
+    g.pop("momentum")
+    g.pop("dampening")
+    g["betas"] = (0.9, 0.999)
+    with pytest.raises(ValueError, match="Adam"):
+        HYDRA(_model(), trajectory=bad).fit(X, y)
+    nest = copy.deepcopy(rec)
+    nest.optimizer_states_[0]["param_groups"][0]["nesterov"] = True
+    with pytest.raises(ValueError, match="nesterov"):
+        HYDRA(_model(), trajectory=nest).fit(X, y)
+    with pytest.raises(ValueError, match="Adam"):
+        hg.check_sgd_optimizer(torch.optim.Adam(_net().parameters()))
+
+
+def test_refuses_replay_on_other_data_or_architecture(run):
+    X, y, _, rec, _ = run
+    X2 = X.copy()
+    X2[5] += 1.0
+    with pytest.raises(ValueError, match="differ"):
+        HYDRA(_model(), trajectory=rec).fit(X2, y)
+    with pytest.raises(ValueError, match="recorded on 24 training examples"):
+        HYDRA(_model(), trajectory=rec).fit(X[:20], y[:20])
+    other = TorchModel(nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C)).double(),
+                       epochs=1, dtype="float64", random_state=0)
+    with pytest.raises(ValueError, match="architecture"):
+        HYDRA(other, trajectory=rec).fit(X, y)
+
+
+def test_refuses_bad_track_and_config(run):
+    X, y, *_ = run
+    with pytest.raises(ValueError, match="outside the training set"):
+        HYDRA(_model(), track=[0, N]).fit(X, y)
+    with pytest.raises(ValueError, match="outside the training set"):
+        HYDRA(_model(), track=[-1]).fit(X, y)
+    with pytest.raises(ValueError, match="projection_dim must be None"):
+        HYDRA(_model(), hessian="exact", projection_dim=8).fit(X, y)
+    with pytest.raises(ValueError, match="X_target"):
+        HYDRA(_model(), mode="lean").fit(X, y)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        net = nn.Sequential(nn.Linear(D_IN, 5), nn.BatchNorm1d(5), nn.Linear(5, C))
+        HYDRA(TorchModel(net, epochs=1)).fit(X, y)
+
+
+def test_diverging_run_raises():
+    X, y = _data()
+    with pytest.raises(FloatingPointError, match="step"):
+        HYDRA(_model(lr=1e150, lr_schedule=None)).fit(X, y)
+    m, rec = _recorded(X, y)
+    bad = copy.deepcopy(rec)
+    bad.lrs_ = [1e150] * len(bad.lrs_)
+    bad.losses_, bad.checkpoints_ = [], bad.checkpoints_[:1]  # nothing to check it against
+    with pytest.raises(FloatingPointError, match="diverged"):
+        HYDRA(_model(), trajectory=bad).fit(X, y)
+
+
+def test_diverging_hypergradients_raise(monkeypatch):
+    X, y = _data()
+    orig = hg.DenseRecursion.step
+
+    def step(self, *a):
+        orig(self, *a)
+        self.D[0, 0] = float("nan")
+
+    monkeypatch.setattr(hg.DenseRecursion, "step", step)
+    with pytest.raises(FloatingPointError, match="hypergradients"):
+        HYDRA(_model(epochs=1), hessian="exact").fit(X, y)
+
+
+# ------------------------------------------------------------------ sklearn
+def test_clone_pickle_round_trip(run):
+    X, y, *_ = run
+    h = HYDRA(_model(), projection_dim=16).fit(X, y)
+    c = clone(h)
+    assert not hasattr(c, "model_") and c.get_params()["projection_dim"] == 16
+    h2 = pickle.loads(pickle.dumps(h))
+    np.testing.assert_allclose(h2.attribute(X[:3], y[:3]), h.attribute(X[:3], y[:3]))
+    np.testing.assert_allclose(clone(h).fit(X, y).attribute(X[:3], y[:3]), h.attribute(X[:3], y[:3]))
