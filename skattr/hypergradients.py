@@ -45,6 +45,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from . import gradients as _grad
+from .training import Callback
 
 __all__ = [
     "check_followable",
@@ -52,7 +53,10 @@ __all__ = [
     "check_sgd_state",
     "lean_coefficients",
     "step_matrix",
+    "BatchCapture",
+    "ClosedFormRecursion",
     "LazyRecursion",
+    "RecursionHook",
     "LeanRecursion",
     "DenseRecursion",
     "replay",
@@ -195,11 +199,103 @@ def row_dots(ra, rb):
     return tot
 
 
+# ------------------------------------------------------------------------------ batch capture
+class BatchCapture:
+    """Per-example loss gradients of a training step from the step's own forward and backward
+    pass (no second pass): forward hooks keep each layer's input, tensor hooks its output
+    gradient.  With the batch loss ``(1/|B|) sum_j l_j`` the output gradient of row ``j`` is
+    ``(1/|B|) dl_j/dz_j``, so the records built from it are ``g_{j,t} = grad l_j / |B|``: the
+    recursion's injection as is.
+
+    ``ok`` is False (and the caller computes the records in a separate pass) when the network
+    has layers the structured records do not cover, tied parameters, in-place operations or a
+    layer called more than once.
+    """
+
+    def __init__(self, net, prefixes, x_probe):
+        self.specs = _grad._selected(net, prefixes)
+        self.handles, self.active, self.cap = [], False, {}
+        self.ok = (_grad.structured_support(net, prefixes) is None and not _grad._tied(self.specs)
+                   and not any(getattr(m, "inplace", False) for m in net.modules()))
+        if self.ok:  # every selected layer called exactly once per forward
+            self.install(net)
+            self.begin()
+            with torch.no_grad():
+                net(x_probe)
+            self.ok = all(len(self.cap.get(n, ())) == 1 for n in self.specs)
+            self.active = False
+            if not self.ok:
+                self.remove()
+
+    def install(self, net):
+        def make_hook(name):
+            def hook(mod, inputs, out):
+                if not self.active:
+                    return
+                entry = [inputs[0].detach(), inputs[0]._version, inputs[0], None]
+                self.cap.setdefault(name, []).append(entry)
+                if out.requires_grad:
+                    out.register_hook(lambda g, e=entry: e.__setitem__(3, g.detach()))
+            return hook
+
+        self.handles = [self.specs[n][0].register_forward_hook(make_hook(n)) for n in self.specs]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def begin(self):
+        self.cap, self.active = {}, True
+
+    def records(self, pos):
+        """Records of batch rows ``pos`` (``grad l_j / |B|``), or None if the pass did not
+        capture them cleanly."""
+        self.active = False
+        recs = []
+        for name, (mod, pnames) in self.specs.items():
+            c = self.cap.get(name)
+            if not c or len(c) != 1 or c[0][3] is None or c[0][2]._version != c[0][1]:
+                return None
+            inp, _, _, g = c[0]
+            recs.extend(_grad._layer_records(name, mod, pnames, inp[pos], g[pos][:, None]))
+        self.cap = {}
+        return recs
+
+
 # ------------------------------------------------------------------------------ recursions
+class ClosedFormRecursion:
+    """Hessian-free ``d_i = sum_{t: i in B_t} a_t g_{i,t}`` (or ``P d_i``) for the tracked
+    examples, the coefficients ``a_t`` known in advance (:func:`lean_coefficients`): each step
+    adds to the rows of the batch only."""
+
+    uses_records = True
+
+    def __init__(self, source, tracked, n_train, coefficients, dim, device):
+        self.source = source
+        self.tracked = np.asarray(tracked)
+        self.pos = np.full(n_train, -1, dtype=np.int64)
+        self.pos[self.tracked] = np.arange(len(self.tracked))
+        self.a = np.asarray(coefficients, dtype=np.float64)
+        self.D = torch.zeros(len(self.tracked), dim, dtype=torch.float64, device=device)
+
+    def add(self, t, rows, recs, lr):
+        if not len(rows):
+            return
+        g = self.source.project(recs)
+        self.D.index_add_(0, torch.as_tensor(rows, device=self.D.device), g, alpha=float(self.a[t]))
+
+    def finish(self):
+        return self.D
+
+
 class LazyRecursion:
     """Hessian-free ``(d_i, m_i)`` (or their projections) for the tracked examples, updated only
     when an example is in the batch; the steps it was absent from are applied then, exactly, as
-    the product of their 2x2 scalar step matrices."""
+    the product of their 2x2 scalar step matrices (the authors' lazy scheme; needs no knowledge
+    of future learning rates).  ``add`` must be called at every step (``rows`` may be empty)."""
+
+    uses_records = True
 
     def __init__(self, source, tracked, n_train, momentum, weight_decay, dim, device):
         self.source = source
@@ -232,25 +328,18 @@ class LazyRecursion:
         rt = torch.as_tensor(rows, device=self.S.device)
         self.S[rt] = torch.einsum("nij,njk->nik", phi, self.S[rt])
 
-    def step(self, net, Xt, yt, idx, lr):
-        t = self.t
+    def add(self, t, rows, recs, lr):
         Amat, b = step_matrix(float(lr), self.mu, self.wd)
         self.A.append(Amat)
-        idx = np.asarray(idx)
-        rows = self.pos[idx]
-        keep = rows >= 0
-        if np.any(keep):
-            rows, sel = rows[keep], idx[keep]
-            st = torch.as_tensor(sel, device=Xt.device)
-            g = self.source.features(net, Xt[st], yt[st]) / len(idx)
+        if len(rows):
+            g = self.source.project(recs)
             self._catch_up(rows, t)
             rt = torch.as_tensor(rows, device=self.S.device)
             d, m = self.S[rt, 0], self.S[rt, 1]
-            d2 = Amat[0] * d + Amat[1] * m + b[0] * g
-            m2 = Amat[2] * d + Amat[3] * m + b[1] * g
-            self.S[rt, 0], self.S[rt, 1] = d2, m2
+            self.S[rt, 0] = Amat[0] * d + Amat[1] * m + b[0] * g
+            self.S[rt, 1] = Amat[2] * d + Amat[3] * m + b[1] * g
             self.last[rows] = t
-        self.t += 1
+        self.t = t + 1
 
     def finish(self):
         """``d_i`` after the last step, (n_tracked, dim) float64."""
@@ -261,7 +350,10 @@ class LazyRecursion:
 
 class LeanRecursion:
     """``-grad l(x, theta_T) . d_i`` for fixed targets, accumulated over a replay from the
-    Hessian-free closed form ``d_i = sum_t a_t g_{i,t}`` (one scalar per example and target)."""
+    Hessian-free closed form ``d_i = sum_t a_t g_{i,t}`` (one scalar per example and target),
+    and ``-grad l_i(theta_T) . d_i`` (self-influence) from records of ``grad l_i(theta_T)``."""
+
+    uses_records = True
 
     def __init__(self, source, tracked, n_train, coefficients, target_records, self_records=None):
         self.source = source
@@ -275,31 +367,24 @@ class LeanRecursion:
         dev = source.model.device_
         self.scores = torch.zeros(n_t, len(self.tracked), dtype=torch.float64, device=dev)
         self.self_scores = torch.zeros(len(self.tracked), dtype=torch.float64, device=dev)
-        self.t = 0
 
-    def step(self, net, Xt, yt, idx, lr):
-        t = self.t
-        idx = np.asarray(idx)
-        rows = self.pos[idx]
-        keep = rows >= 0
-        if np.any(keep):
-            rows, sel = rows[keep], idx[keep]
-            st = torch.as_tensor(sel, device=Xt.device)
-            rb = self.source.records(net, Xt[st], yt[st])
-            c = -self.a[t] / len(idx)
-            rt = torch.as_tensor(rows, device=self.scores.device)
-            if self.rx is not None:
-                K = _grad.gram(self.rx, rb).to(torch.float64)
-                self.scores[:, rt] += c * K
-            if self.rself is not None:
-                self.self_scores[rt] += c * row_dots(take_records(self.rself, rt), rb).to(torch.float64)
-        self.t += 1
+    def add(self, t, rows, recs, lr):
+        if not len(rows):
+            return
+        c = -float(self.a[t])
+        rt = torch.as_tensor(rows, device=self.scores.device)
+        if self.rx is not None:
+            self.scores[:, rt] += c * _grad.gram(self.rx, recs).to(torch.float64)
+        if self.rself is not None:
+            self.self_scores[rt] += c * row_dots(take_records(self.rself, rt), recs).to(torch.float64)
 
 
 class DenseRecursion:
     """``(d_i, m_i)`` for every tracked example as full parameter vectors, with Hessian-vector
     (``"exact"``) or Gauss-Newton-vector (``"gauss-newton"``) products of the batch loss at every
-    step (or none)."""
+    step (or none).  Runs before the step's update (:meth:`step`, at ``theta_t``)."""
+
+    uses_records = False
 
     def __init__(self, source, tracked, n_train, momentum, weight_decay, net, hessian, chunk=64):
         self.source = source
@@ -314,7 +399,6 @@ class DenseRecursion:
         dev = next(net.parameters()).device
         self.D = torch.zeros(len(self.tracked), p, dtype=torch.float64, device=dev)
         self.M = torch.zeros_like(self.D)
-        self.t = 0
 
     def _unflat(self, theta):
         out, c = {}, 0
@@ -374,22 +458,108 @@ class DenseRecursion:
             M[torch.as_tensor(rows[keep], device=M.device)] += g
         self.M = M
         self.D = self.D - float(lr) * M
-        self.t += 1
 
     def finish(self):
         return self.D
 
 
+FUSED = True  # per-example gradients from the training step's own pass where possible
+
+
+class RecursionHook(Callback):
+    """Drives a recursion through training steps: :meth:`on_batch_begin` at ``theta_t`` (before
+    the forward pass), :meth:`on_batch_end` after the backward pass (the per-example gradients
+    come from that pass through :class:`BatchCapture` when it can, else from a separate pass at
+    ``on_batch_begin``).  A :class:`~skattr.training.Callback` of ``TorchModel.fit`` or called by
+    :func:`replay`."""
+
+    def __init__(self, recursion, source, Xt, yt, net, lrs=None, fused=None):
+        self.recursion, self.source, self.Xt, self.yt = recursion, source, Xt, yt
+        self.lrs = lrs
+        self.capture = None
+        if recursion.uses_records and (FUSED if fused is None else fused):
+            cap = BatchCapture(net, source.prefixes, Xt[:2])
+            self.capture = cap if cap.ok else None
+        self.t = 0
+        self.n_fallback = 0
+
+    def on_train_begin(self, state=None):
+        pass
+
+    def on_batch_begin(self, state):
+        net, idx, lr = state.module, np.asarray(state.batch_indices), float(state.lr)
+        t = self.t
+        if self.lrs is not None and not math.isclose(lr, float(self.lrs[t]), rel_tol=1e-9, abs_tol=1e-15):
+            raise RuntimeError(
+                f"The learning rate of step {t} is {lr}, not the {self.lrs[t]} HYDRA's coefficients "
+                "assumed from the model's schedule."
+            )
+        self.idx, self.lr = idx, lr
+        rows = self.recursion.pos[idx]
+        self.keep = np.flatnonzero(rows >= 0)
+        self.rows = rows[self.keep]
+        if not self.recursion.uses_records:
+            self.recursion.step(net, self.Xt, self.yt, idx, lr)
+            return
+        self.recs = None
+        if len(self.rows) and self.capture is None:
+            st = torch.as_tensor(idx[self.keep], device=self.Xt.device)
+            self.recs = self._scaled(self.source.records(net, self.Xt[st], self.yt[st]), len(idx))
+        if self.capture is not None:
+            self.capture.begin()
+
+    @staticmethod
+    def _scaled(recs, B):
+        out = []
+        for r in recs:
+            if isinstance(r, _grad.KronRecord):
+                out.append(_grad.KronRecord(r.key, r.x, r.d / B, r.bias))
+            else:
+                out.append(_grad.DenseRecord(r.key, r.g / B))
+        return out
+
+    def on_batch_end(self, state=None):
+        t = self.t
+        self.t += 1
+        if not self.recursion.uses_records:
+            return
+        recs = self.recs
+        if self.capture is not None:
+            recs = self.capture.records(self.keep) if len(self.rows) else None
+            if recs is None and len(self.rows):
+                raise RuntimeError(
+                    "HYDRA could not capture the per-example gradients of the training step "
+                    f"(step {t}): a layer was not called exactly once or its input changed in place."
+                )
+        self.recursion.add(t, self.rows, recs, self.lr)
+
+    def on_epoch_end(self, state=None):
+        pass
+
+    def on_train_end(self, state=None):
+        if self.capture is not None:
+            self.capture.remove()
+
+    def __deepcopy__(self, memo):  # TorchModel.fit copies its callbacks
+        return self
+
+
 # ------------------------------------------------------------------------------ replay
+class _Step:
+    def __init__(self, module, batch_indices, lr):
+        self.module, self.batch_indices, self.lr = module, batch_indices, lr
+
+
 def _rel_diff(a, b):
     a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
     return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
-def replay(model, trajectory, Xt, yt, recursion=None, *, check=True, rtol=1e-4, verbose=0):
+def replay(model, trajectory, Xt, yt, hook=None, *, check=True, rtol=1e-4, verbose=0):
     """Re-run ``trajectory``'s training on ``model``'s network (fitted TorchModel whose network
-    is set to the first checkpoint by this function) and call ``recursion.step`` before every
-    update.
+    is set to the first checkpoint by this function), calling ``hook.on_batch_begin`` before
+    every step's forward pass and ``hook.on_batch_end`` after its backward pass (before the
+    update).
 
     The replay is checked against the recording: every step's mini-batch loss against
     ``trajectory.losses_`` and the parameters against every recorded checkpoint (relative
@@ -427,8 +597,8 @@ def replay(model, trajectory, Xt, yt, recursion=None, *, check=True, rtol=1e-4, 
         for gp in opt.param_groups:
             gp["lr"] = lr
         it = torch.as_tensor(idx, device=Xt.device)
-        if recursion is not None:
-            recursion.step(net, Xt, yt, idx, lr)
+        if hook is not None:
+            hook.on_batch_begin(_Step(net, idx, lr))
         out = net(Xt[it])
         if out.ndim == 1:
             out = out[:, None]
@@ -448,6 +618,8 @@ def replay(model, trajectory, Xt, yt, recursion=None, *, check=True, rtol=1e-4, 
                 )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if hook is not None:
+            hook.on_batch_end()
         opt.step()
         if check and (t + 1) in checkpoints:
             sd = checkpoints[t + 1]
@@ -463,5 +635,7 @@ def replay(model, trajectory, Xt, yt, recursion=None, *, check=True, rtol=1e-4, 
             bar.update(1)
     if bar is not None:
         bar.close()
+    if hook is not None:
+        hook.on_train_end()
     net.eval()
     return net

@@ -32,31 +32,38 @@ from ..featurize import encode_targets
 from ..model import TorchModel
 from ..outputs import make_output
 from ..projection import KINDS, Projector
-from ..training import Callback, TrajectoryRecorder
+from ..training import Callback, TrajectoryRecorder, _lr_at
 from .base import BaseAttributor
 
 __all__ = ["HYDRA"]
 
 
 class _Hook(Callback):
-    """Runs a recursion inside ``TorchModel.fit`` (parameters are ``theta_t`` at
-    ``on_batch_begin``).  Not copied by ``copy.deepcopy`` (``TorchModel.fit`` copies callbacks)."""
+    """Builds a :class:`~skattr.hypergradients.RecursionHook` on the live network inside
+    ``TorchModel.fit`` and delegates to it.  Not copied by ``copy.deepcopy`` (``TorchModel.fit``
+    copies its callbacks)."""
 
     def __init__(self, build, X, y, model):
         self.build, self.X, self.y, self.model = build, X, y, model
-        self.recursion = None
+        self.inner = None
 
     def __deepcopy__(self, memo):
         return self
 
     def on_train_begin(self, state):
         mu, wd = _hg.check_sgd_optimizer(state.optimizer)
-        self.Xt = self.model.to_tensor(self.X)
-        self.yt = self.model.encode_y(self.y, self.Xt.shape[0])
-        self.recursion = self.build(state.module, mu, wd)
+        Xt = self.model.to_tensor(self.X)
+        yt = self.model.encode_y(self.y, Xt.shape[0])
+        self.inner = self.build(state.module, mu, wd, Xt, yt)
 
     def on_batch_begin(self, state):
-        self.recursion.step(state.module, self.Xt, self.yt, state.batch_indices, state.lr)
+        self.inner.on_batch_begin(state)
+
+    def on_batch_end(self, state):
+        self.inner.on_batch_end(state)
+
+    def on_train_end(self, state):
+        self.inner.on_train_end(state)
 
 
 class HYDRA(BaseAttributor):
@@ -242,13 +249,12 @@ class HYDRA(BaseAttributor):
         return Projector(self.projection, int(self.projection_dim), self._seed,
                          device=model.device_, dtype=model.torch_dtype_)
 
-    def _build(self, mu, wd, net, source, n):
-        k = self.feature_dim_
-        tr = self.track_
+    def _build(self, mu, wd, net, source, coefficients):
+        k, tr, n = self.feature_dim_, self.track_, self.n_train_
         if self.hessian == "none":
-            check_memory(2 * len(tr) * k * 8, f"HYDRA's hypergradients of {len(tr)} examples x {k} dimensions",
+            check_memory(len(tr) * k * 8, f"HYDRA's hypergradients of {len(tr)} examples x {k} dimensions",
                          hint="Use projection_dim=k, mode='lean' or track a subset.")
-            return _hg.LazyRecursion(source, tr, n, mu, wd, k, self.model_.device_)
+            return _hg.ClosedFormRecursion(source, tr, n, coefficients, k, self.model_.device_)
         check_memory(3 * len(tr) * k * 8, f"HYDRA's hypergradients of {len(tr)} examples x {k} parameters",
                      hint="Track a subset (track=...) or use hessian='none' with projection_dim.")
         return _hg.DenseRecursion(source, tr, n, mu, wd, net, self.hessian)
@@ -324,20 +330,30 @@ class HYDRA(BaseAttributor):
         xb = model.to_tensor(X[:1])
         return int(sum(r.n_params for r in src.records(model.network(), xb, model.encode_y(y[:1], 1))))
 
+    def _planned_lrs(self, n):
+        """The learning rate of every step of ``model``'s recipe on ``n`` examples."""
+        m = self.model
+        total = int(m.epochs) * -(-n // int(m.batch_size))
+        return [float(_lr_at(float(m.lr), m.lr_schedule, s, total)) for s in range(total)]
+
     def _fit_training(self, X, y):
         cbs = [cb for cb in (self.model.callbacks or []) if not isinstance(cb, TrajectoryRecorder)]
         recorder = TrajectoryRecorder()
         model = clone(self.model)
         self.output_.check(model)
+        lrs = self._planned_lrs(self.n_train_)
         state = {}
 
-        def build(net, mu, wd):
+        def build(net, mu, wd, Xt, yt):
             model.module_ = net  # the live network, for the feature dimension only
             self.model_ = model
             self.feature_dim_ = self._feature_dim(model, X, y)
             del model.module_
             state["source"] = src = self._source(model)
-            return self._build(mu, wd, net, src, self.n_train_)
+            coef = _hg.lean_coefficients(lrs, mu, wd)
+            recursion = self._build(mu, wd, net, src, coef)
+            state["recursion"] = recursion
+            return _hg.RecursionHook(recursion, src, Xt, yt, net, lrs=lrs)
 
         hook = _Hook(build, X, y, model)
         model.set_params(callbacks=[*cbs, recorder, hook])
@@ -346,7 +362,7 @@ class HYDRA(BaseAttributor):
         model.callbacks_ = [cb for cb in model.callbacks_ if cb is not hook]
         self.model_ = model
         self.trajectory_ = next(cb for cb in model.callbacks_ if isinstance(cb, TrajectoryRecorder))
-        self._finish_vector(hook.recursion, X, y, state["source"])
+        self._finish_vector(state["recursion"], X, y, state["source"])
 
     def _finish_vector(self, recursion, X, y, source):
         D = recursion.finish()
@@ -377,8 +393,9 @@ class HYDRA(BaseAttributor):
         if self.mode == "vector":
             self.model_ = fresh
             src = self._source(fresh)
-            recursion = self._build(mu, wd, fresh.module_, src, self.n_train_)
-            _hg.replay(fresh, rec, Xt, yt, recursion, verbose=self.verbose)
+            recursion = self._build(mu, wd, fresh.module_, src, self.coefficients_)
+            hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
+            _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
             self.model_ = fresh
             self._finish_vector(recursion, X, y, src)
             return
@@ -402,7 +419,8 @@ class HYDRA(BaseAttributor):
         rx = self._records(src, net_T, final.to_tensor(Xtar), yenc)
         rself = self._records(src, net_T, Xt[torch.as_tensor(self.track_)], yt[torch.as_tensor(self.track_)])
         recursion = _hg.LeanRecursion(src, self.track_, self.n_train_, self.coefficients_, rx, rself)
-        net = _hg.replay(fresh, rec, Xt, yt, recursion, verbose=self.verbose)
+        hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
+        net = _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
         ref = dict(final.network().named_parameters())
         err = max(_hg._rel_diff(p, ref[k]) for k, p in net.named_parameters())
         if err > 1e-4:

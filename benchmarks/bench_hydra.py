@@ -1,0 +1,160 @@
+"""HYDRA: its cost over plain training, and what the Hessian-free recursion loses.
+
+Part ``speed`` (one process, same data, network and training recipe): the MLP 64-256-256-10 on
+the digits training set (1,500 examples; SGD, momentum 0.9, weight decay 5e-4, cosine learning
+rate, batch 64), timed as
+
+* plain training: ``TorchModel(...).fit`` with a ``TrajectoryRecorder``;
+* ``HYDRA(model, projection_dim=1024).fit`` (trains and carries ``P d_i`` for all 1,500
+  examples in the same pass);
+* the lean replay ``HYDRA(model, mode="lean", trajectory=recorder).fit(X, y, X_target=...)``
+  (one scalar per example and target, 100 targets; the run is replayed, not retrained);
+* ``HYDRA(model, hessian="exact", track=...)`` on a few tracked examples (Hessian-vector
+  products at every step), whose cost grows linearly with the number tracked;
+
+each as a ratio to the plain training time (median of ``--repeats``, after a warm-up).
+
+Part ``error``: a small MLP (64-16-10) on 200 digits, trained for 1 ... 16 epochs; the relative
+error of the Hessian-free and Gauss-Newton hypergradients (and of their scores on 100 test
+points) against the exact ones (``hessian="exact"`` equals autograd through the unrolled run to
+1e-6, ``tests/test_hydra.py``).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py                # both parts (a few minutes)
+    OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part error
+    OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import add_common_args, load_digits_data, make_mlp, print_table, setup  # noqa: E402
+
+from skattr import TorchModel, TrajectoryRecorder  # noqa: E402
+from skattr.estimators.hydra import HYDRA  # noqa: E402
+
+
+def _recipe(module, epochs, **kw):
+    p = dict(epochs=epochs, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+             lr_schedule="cosine", device="cpu", random_state=0)
+    p.update(kw)
+    return TorchModel(module, **p)
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up
+    ts, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), out
+
+
+def part_speed(args):
+    X, y = load_digits_data()
+    n = 300 if args.quick else 1500
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:n + 100], y[n:n + 100]
+    epochs = 2 if args.quick else args.epochs
+    k = 1024
+    n_exact = 4 if args.quick else 8
+
+    def train():
+        return _recipe(make_mlp(), epochs, callbacks=[TrajectoryRecorder()]).fit(Xtr, ytr)
+
+    t_train, model = _median_time(train, args.repeats)
+    rec = model.callbacks_[0]
+    steps = len(rec.batches_)
+    t_proj, hp = _median_time(lambda: HYDRA(_recipe(make_mlp(), epochs), projection_dim=k).fit(Xtr, ytr),
+                              args.repeats)
+    t_lean, hl = _median_time(
+        lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec).fit(
+            Xtr, ytr, X_target=Xte, y_target=yte), args.repeats)
+    t_lean_full, _ = _median_time(
+        lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean").fit(Xtr, ytr, X_target=Xte, y_target=yte), 1)
+    track = np.arange(n_exact)
+    t_exact, _ = _median_time(
+        lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="exact", track=track).fit(Xtr, ytr), 1)
+    t_none_sub, _ = _median_time(
+        lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="none", track=track).fit(Xtr, ytr), 1)
+    # agreement of projected and lean scores on the same targets (lean: exact inner products)
+    Sp, Sl = hp.attribute(Xte, yte), hl.attribute(None)
+    rho = np.mean([spearmanr(a, b)[0] for a, b in zip(Sp, Sl)])
+    acc = float(model.score(Xte, yte))
+    rows = [
+        ["plain training (TorchModel.fit + recorder)", t_train, 1.0, "-"],
+        [f"HYDRA projection_dim={k}, all {n} examples (trains once)", t_proj, t_proj / t_train, "<= 2"],
+        [f"HYDRA lean replay, {len(Xte)} targets (replays the recorder)", t_lean, t_lean / t_train, "<= 1.5"],
+        ["HYDRA lean, training + replay", t_lean_full, t_lean_full / t_train, "-"],
+        [f"HYDRA hessian='exact', {n_exact} tracked", t_exact, t_exact / t_train, "-"],
+        [f"HYDRA hessian='none' (full vectors), {n_exact} tracked", t_none_sub, t_none_sub / t_train, "-"],
+    ]
+    print_table(rows, ["what", "seconds", "x training", "goal"],
+                title=f"MLP 64-256-256-10, {n} digits, {epochs} epochs ({steps} SGD steps), "
+                      f"test accuracy {acc:.3f}; projected vs lean scores: mean Spearman {rho:.3f}")
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+
+
+def part_error(args):
+    X, y = load_digits_data()
+    X = X.astype(np.float64)
+    n = 100 if args.quick else 200
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[1000:1100], y[1000:1100]
+    lens = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16)
+    rows = []
+    for ep in lens:
+        def model(ep=ep):
+            return TorchModel(_tiny(), epochs=ep, batch_size=32, lr=0.2, momentum=0.9, weight_decay=1e-3,
+                              lr_schedule="cosine", dtype="float64", device="cpu", random_state=0)
+
+        ex = HYDRA(model(), hessian="exact").fit(Xtr, ytr)
+        Se = ex.attribute(Xte, yte)
+        row = [ep, len(ex.trajectory_.batches_)]
+        for h in ("none", "gauss-newton"):
+            e = HYDRA(model(), hessian=h).fit(Xtr, ytr)
+            D, De = e.hypergradients_, ex.hypergradients_
+            rel = np.linalg.norm(D - De) / np.linalg.norm(De)
+            cos = np.mean(np.sum(D * De, 1) / (np.linalg.norm(D, axis=1) * np.linalg.norm(De, axis=1)))
+            S = e.attribute(Xte, yte)
+            srel = np.linalg.norm(S - Se) / np.linalg.norm(Se)
+            rho = np.mean([spearmanr(a, b)[0] for a, b in zip(S, Se)])
+            row += [rel, cos, srel, rho]
+        rows.append(row)
+    print_table(rows, ["epochs", "steps",
+                       "HF rel. err d", "HF mean cos d", "HF rel. err scores", "HF Spearman scores",
+                       "GN rel. err d", "GN mean cos d", "GN rel. err scores", "GN Spearman scores"],
+                title=f"Hessian-free (HF) and Gauss-Newton (GN) vs exact: MLP 64-16-10 (1,210 params), "
+                      f"{n} digits, batch 32, lr 0.2 cosine, momentum 0.9, wd 1e-3, 100 test points")
+
+
+def main():
+    ap = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--part", choices=["speed", "error", "all"], default="all")
+    ap.set_defaults(epochs=10)
+    args = ap.parse_args()
+    setup(args, "HYDRA")
+    if args.part in ("speed", "all"):
+        part_speed(args)
+    if args.part in ("error", "all"):
+        part_error(args)
+
+
+if __name__ == "__main__":
+    main()
