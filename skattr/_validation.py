@@ -23,7 +23,9 @@ def check_input(X, *, name="X", dtype=None, allow_tensor=True):
     """Validate ``X`` (numpy array, array-like or tensor) with samples on the first axis.
 
     Returns a numpy array (or the tensor itself when ``allow_tensor``) of at least two
-    dimensions, finite, non-empty, of a floating dtype.
+    dimensions, finite, non-empty, of a numeric dtype: integer and boolean inputs (token ids)
+    are kept as they are (:meth:`TorchModel.to_tensor` decides what the network takes), other
+    non-numeric ones are converted to float64.
     """
     if isinstance(X, torch.Tensor) and allow_tensor:
         if X.ndim < 2:
@@ -34,9 +36,9 @@ def check_input(X, *, name="X", dtype=None, allow_tensor=True):
             )
         if X.shape[0] == 0:
             raise ValueError(f"Found {name} with 0 sample(s) (shape={tuple(X.shape)}).")
-        if not X.is_floating_point():
-            X = X.to(torch.get_default_dtype() if dtype is None else dtype)
-        if not bool(torch.isfinite(X).all()):
+        if dtype is not None and X.dtype != dtype:
+            X = X.to(dtype)
+        if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise ValueError(f"Input {name} contains NaN or infinity.")
         return X
     if hasattr(X, "__array__") or isinstance(X, (list, tuple)) or sp.issparse(X):
@@ -48,13 +50,24 @@ def check_input(X, *, name="X", dtype=None, allow_tensor=True):
     X = check_array(
         X,
         accept_sparse=False,
-        dtype=[np.float64, np.float32] if dtype is None else dtype,
+        dtype=(None if _integer_like(X) else [np.float64, np.float32]) if dtype is None else dtype,
         allow_nd=True,
         ensure_2d=True,
         ensure_all_finite=True,
         input_name=name,
     )
     return X
+
+
+def _integer_like(X):
+    """Integer or boolean array input (token ids), kept as is by :func:`check_input`."""
+    kind = getattr(getattr(X, "dtype", None), "kind", None)
+    if kind is None and isinstance(X, (list, tuple)) and not sp.issparse(X):
+        try:
+            kind = np.asarray(X).dtype.kind
+        except (ValueError, TypeError):
+            return False
+    return kind in ("i", "u", "b")
 
 
 def check_fitted_shape(X, input_shape, *, name="X", estimator=None):

@@ -112,13 +112,16 @@ class Featurizer:
         self.batch_size = int(batch_size or model.batch_size_eval)
         self.cache = cache
         self.net = output.network(model.network())
+        self.info = {}  # the gradient engine's report of the last batch
 
     def records(self, xb, yb, outputs=None):
-        """Gradient records of the output for one batch (``outputs`` receives the logits)."""
+        """Gradient records of the output for one batch (``outputs`` receives the logits;
+        :attr:`info` which engine ran and why)."""
         m = self.model
         return _grad.compute_records(
             self.net, xb, output=self.output, y=yb, loss=m.loss_fn,
             prefixes=self.output.prefixes(m.prefixes_), method=self.method, outputs=outputs,
+            info=self.info,
         )
 
     def projector(self):
@@ -164,19 +167,14 @@ class Featurizer:
             yb = None if y_enc is None else y_enc[i0:i1]
             outs = {}
             recs = self.records(xb, yb, outputs=outs)
-            if proj is None:
-                if Ft is not None:
-                    write_flat(recs, Ft[i0 - r0 : i1 - r0])
-                else:
-                    F_out[i0 - r0 : i1 - r0] = _grad.flatten(recs)[:, 0].detach().cpu().numpy()
-            else:
-                o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
-                    i1 - i0, k, dtype=proj.dtype, device=proj.device)
-                o.zero_()
-                _grad.project(recs, proj, out=o[:, None, :])
+            # into the output rows themselves on the CPU, else through a device buffer
+            o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
+                i1 - i0, k, dtype=member.torch_dtype_, device=member.device_)
+            featurize_batches([(0, i1 - i0, recs)], proj, o[:, None, :])
+            if proj is not None:
                 o.mul_(scale)
-                if Ft is None:
-                    F_out[i0 - r0 : i1 - r0] = o.cpu().numpy()
+            if Ft is None:
+                F_out[i0 - r0 : i1 - r0] = o.cpu().numpy()
             with torch.no_grad():
                 z = outs["logits"]  # from the gradients' own forward pass
                 q = self.output.q(z, yb if yb is not None else torch.zeros(
@@ -203,6 +201,27 @@ class Featurizer:
         out.zero_()
         _grad.project(recs, proj, out=out[:, None, :])
         return out.mul_(1.0 / math.sqrt(proj.k))
+
+
+def featurize_batches(batches, projector, out=None, *, n=None):
+    """The featurisation loop every kernel and attributor runs: the records of each batch,
+    ``(i0, i1, records)``, projected by ``projector`` (or flattened when it is None) into
+    ``out[i0:i1]``, an (n, m, k) tensor (allocated at the first batch, ``n`` rows, when
+    ``out`` is None and there is a projector).  Projections accumulate, so rows are zeroed."""
+    for i0, i1, recs in batches:
+        if out is None:
+            m = _grad.records_shape(recs)[1]
+            out = torch.empty(n, m, projector.k, device=projector.device, dtype=projector.dtype)
+        o = out[i0:i1]
+        if projector is None:
+            if o.shape[1] == 1:
+                write_flat(recs, o[:, 0])
+            else:
+                o.copy_(_grad.flatten(recs))
+        else:
+            o.zero_()
+            _grad.project(recs, projector, out=o)
+    return out
 
 
 def write_flat(records, out):

@@ -405,6 +405,9 @@ class KernelAttribution(BaseEstimator):
 
     def attribute(self, X, y=None):
         check_is_fitted(self, "kernel_")
+        if y is not None and getattr(self.kernel_, "labels", None) == "given":
+            # a kernel that evaluates its rows at given labels (GradCosKernel(labels="given"))
+            return np.asarray(self.kernel_.transform(X, y), dtype=np.float64)
         return np.asarray(self.kernel_.transform(X), dtype=np.float64)
 
     def transform(self, X):

@@ -17,6 +17,7 @@ from sklearn.utils.validation import column_or_1d
 
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
+from .featurize import featurize_batches
 from .outputs import task_loss
 from .projection import Projector
 from .training import copy_callbacks, train_module
@@ -509,22 +510,18 @@ class TorchModel(BaseEstimator):
         (see :mod:`skattr.projection`) to (n, k) (or (n, m, k)), scaled so that inner products are
         unbiased.  Parameters are ordered as in ``module.named_parameters()``.
         """
-        out = []
-        proj = F = None
-        if projection_dim is not None:
+        batches = ((i0, i0 + _grad.records_shape(recs)[0], recs) for i0, recs in
+                   self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size))
+        if projection_dim is None:
+            G = torch.cat([_grad.flatten(recs) for _, _, recs in batches])
+        else:
             proj = Projector(
                 projection, projection_dim, seed_from_random_state(random_state),
                 device=self.device_, dtype=self.torch_dtype_,
             )
-        for i0, recs in self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size):
-            if proj is None:
-                out.append(_grad.flatten(recs))
-                continue
-            nb, m = _grad.records_shape(recs)
-            if F is None:  # one output buffer, projected into batch by batch
-                F = torch.zeros(len(X), m, proj.k, device=self.device_, dtype=self.torch_dtype_)
-            _grad.project(recs, proj, out=F[i0 : i0 + nb])
-        G = (torch.cat(out) if proj is None else F.mul_(1.0 / math.sqrt(proj.k))).cpu().numpy()
+            # one output buffer, projected into batch by batch
+            G = featurize_batches(batches, proj, n=len(X)).mul_(1.0 / math.sqrt(proj.k))
+        G = G.cpu().numpy()
         return G[:, 0] if G.shape[1] == 1 else G
 
     def fingerprint(self):

@@ -4,6 +4,8 @@ The references (``conftest.ref_kernel``) are independent of ``skattr.gradients``
 Jacobians from ``jacrev(functional_call(...))`` one example at a time, contracted with ``einsum``.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,8 @@ from skattr.estimators import (
     TraceNTK,
 )
 
-SCALAR = {"trace": TraceNTK, "pseudo": PseudoNTK, "gradcos": GradCosKernel}
+SCALAR = {"trace": TraceNTK, "pseudo": PseudoNTK,
+          "gradcos": functools.partial(GradCosKernel, labels="given")}
 
 
 def _data(arch, n_a=4, n_b=6):

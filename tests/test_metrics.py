@@ -92,7 +92,7 @@ def test_lds_of_estimators_and_arrays(digits, harness, trained):
     lds = linear_datamodeling_score(trak, Xt, yt, retrainer=ret)
     assert lds == pytest.approx(ret.score(trak.attribute(Xt, yt), Xt, yt))
     assert 0.0 < lds <= 1.0  # TRAK predicts subset effects better than chance
-    gc = KernelAttribution(GradCosKernel(trained, projection_dim=256)).fit(X, y)
+    gc = KernelAttribution(GradCosKernel(trained, projection_dim=256, labels="given")).fit(X, y)
     lds_gc, per = ret.score(gc, Xt, yt, return_per_sample=True)
     assert -1 <= lds_gc <= 1 and per.shape == (30,)
     # mismatched training sets are caught

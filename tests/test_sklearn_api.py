@@ -262,7 +262,7 @@ def test_unfitted_torchmodel_clone_keeps_pretrained_weights():
 def test_feature_cache_gives_identical_kernels(trained, cls):
     model, X, y = trained
     cache = FeatureCache()
-    kw = {"output": "blocks"} if cls is EmpiricalNTK else {}
+    kw = {"output": "blocks"} if cls is EmpiricalNTK else ({"labels": "given"} if cls is GradCosKernel else {})
     fit_args = (X[:40], y[:40]) if cls is GradCosKernel else (X[:40],)
     for k in (32, 96, 16):  # 96 extends the cached rows, 16 slices them
         plain = cls(model, projection_dim=k, **kw).fit(*fit_args).transform(X[30:60])

@@ -69,7 +69,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         "projection": [StrOptions(set(KINDS))],
         "store": [str, os.PathLike, None],
         "block_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "method": [StrOptions({"auto", "structured", "vmap"})],
+        "method": [StrOptions({"auto", "structured", "vmap", "autograd"})],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -252,7 +252,8 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
                 self.store, config, n_rows=n, dim=k, n_models=M, block_size=bsz, dtype=dtype.name,
             )
         todo = store.missing()
-        feats = {}
+        feats = {0: self._featurizer(0)}
+        self._report_engine(feats[0], X, y_enc[0])
         for m, b in progress(todo, len(todo), self.verbose, f"{name}: featurising {len(todo)} block(s)"):
             fz = feats.get(m) or feats.setdefault(m, self._featurizer(m))
             r0, r1 = store.block_range(b)
@@ -264,6 +265,15 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         self.q_models_ = np.stack([np.asarray(store.q(m), dtype=np.float64) for m in range(M)])
         self.q_ = self._reweighting()
         self.weights_ = np.asarray(self._model_weights(), dtype=np.float64)
+
+    def _report_engine(self, fz, X, y_enc):
+        """Set ``engine_`` (which gradient engine runs and why) from one example's records,
+        and say it when verbose."""
+        fz.records(self.models_[0].to_tensor(X[:1]), None if y_enc is None else y_enc[:1])
+        self.engine_ = {k: fz.info.get(k) for k in ("engine", "reason")}
+        if self.verbose:
+            print(f"[skattr] {self._name()}: gradient engine {self.engine_['engine']!r} "
+                  f"({self.engine_['reason']})", flush=True)
 
     def _reweighting(self):
         """``Q_i``: 1 unless the method reweights (TRAK)."""

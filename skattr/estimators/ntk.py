@@ -23,6 +23,8 @@ from .._checks import check_features, check_outputs, check_parameters, nonfinite
 from .._linalg import sym_gram
 from .._validation import check_fitted_shape, check_input, check_memory, seed_from_random_state
 from ..cache import FeatureCache, gather_rows
+from ..featurize import featurize_batches
+from ..featurize import progress as _progress
 from ..model import TorchModel
 from ..projection import KINDS, Projector
 
@@ -35,14 +37,6 @@ _OVERFLOW_HINT = (
     "for the model's dtype (squared gradient norms pass float32's 3e38 once entries pass ~1e19). "
     "Rescale the inputs, or use TorchModel(dtype='float64')."
 )
-
-
-def _progress(iterable, total, verbose, desc):
-    if not verbose:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 class _BaseKernel(TransformerMixin, BaseEstimator):
@@ -134,7 +128,7 @@ class _GradientKernel(_BaseKernel):
         **_BaseKernel._parameter_constraints,
         "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "projection": [StrOptions(set(KINDS))],
-        "method": [StrOptions({"auto", "structured", "vmap"})],
+        "method": [StrOptions({"auto", "structured", "vmap", "autograd"})],
         "memory": [FeatureCache, None],
         "random_state": ["random_state"],
     }
@@ -167,7 +161,8 @@ class _GradientKernel(_BaseKernel):
         return None
 
     def _records(self, Xt, y):
-        return _grad.compute_records(
+        info = {}
+        recs = _grad.compute_records(
             self.model_.network(),
             Xt,
             output=self._output,
@@ -175,7 +170,14 @@ class _GradientKernel(_BaseKernel):
             loss=self.model_.loss_fn,
             prefixes=self.model_.prefixes_,
             method=self.method,
+            info=info,
         )
+        if getattr(self, "engine_", None) is None:
+            self.engine_ = {k: info.get(k) for k in ("engine", "reason")}
+            if self.verbose:
+                print(f"[skattr] {type(self).__name__}: gradient engine {self.engine_['engine']!r} "
+                      f"({self.engine_['reason']})", flush=True)
+        return recs
 
     def _featurize(self, Xt, y, start, k):
         """Unscaled projected features (n, m, k) of rows ``start:start+k``."""
@@ -184,15 +186,9 @@ class _GradientKernel(_BaseKernel):
             device=self.model_.device_, dtype=self.model_.torch_dtype_,
         )
         chunks = self._chunks(Xt.shape[0])
-        out = None
-        for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} features"):
-            yb = None if y is None else y[i0:i1]
-            recs = self._records(Xt[i0:i1], yb)
-            if out is None:
-                m = _grad.records_shape(recs)[1]
-                out = torch.zeros(Xt.shape[0], m, k, device=proj.device, dtype=proj.dtype)
-            _grad.project(recs, proj, out=out[i0:i1])
-        return out
+        batches = ((i0, i1, self._records(Xt[i0:i1], None if y is None else y[i0:i1]))
+                   for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} features"))
+        return featurize_batches(batches, proj, n=Xt.shape[0])
 
     def _cache_key(self):
         return (self.model_.fingerprint(), type(self).__name__, self._output, self.projection,
@@ -255,6 +251,7 @@ class _GradientKernel(_BaseKernel):
         X = self._validate(X, reset=True)
         self._fit_model(X)
         self._seed = seed_from_random_state(self.random_state)
+        self.engine_ = None  # set by the first gradient records
         Xt = self.model_.to_tensor(X)
         yt = self._labels(Xt, y)
         m = self._n_out()

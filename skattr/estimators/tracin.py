@@ -74,6 +74,8 @@ class TracIn(BaseAttributor):
     learning_rates_ : ndarray of shape (n_checkpoints,)
         ``eta_t`` (also ``weights_``).
     preconditioners_ : list of Identity
+    engine_ : dict
+        The gradient engine that ran (``"engine"``) and why (``"reason"``).
     scoring_ : {"records", "features"}
         How scores are computed: ``"records"`` (exact gradients, no store) from the layers'
         gradient factors, no per-example gradient formed (for a Linear layer ``(d_x . d_i)
@@ -221,6 +223,7 @@ class TracIn(BaseAttributor):
         self.scoring_ = "records"
         M, n = len(self.models_), self.n_train_
         self.feature_dim_ = self._featurizer(0).dim(X, y_enc[0])
+        self._report_engine(self._featurizer(0), X, y_enc[0])
         self._train_records = []
         for j in progress(range(M), M, self.verbose, "TracIn: gradient records"):
             self._train_records.append(self._record_blocks(j, X, y_enc[j]))

@@ -136,6 +136,9 @@ class TRAK(BaseAttributor):
         The ensemble.
     subsets_ : ndarray of shape (n_models, n_train) of bool, or None
         Training examples seen by each trained member (None for given models).
+    engine_ : dict
+        The gradient engine that ran (``"engine"``: structured, vmap or autograd) and why
+        (``"reason"``); printed when ``verbose``.
     preconditioners_ : list of RidgeGaussNewton
         Each member's fitted solver (:mod:`skattr.preconditioners`).
     weights_ : ndarray of shape (n_models,)

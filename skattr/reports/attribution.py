@@ -87,7 +87,7 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
         kw = {} if damping is None else {"damping": damping}
         for s in sol:
             methods.append((f"IF ({s})", IF(full, solver=s, random_state=random_state, **kw)))
-    methods.append(("Grad-Cos", KernelAttribution(GradCosKernel(full))))
+    methods.append(("Grad-Cos", KernelAttribution(GradCosKernel(full, labels="given"))))
     rows = []
     for name, est in methods:
         t = time.perf_counter()
