@@ -64,6 +64,19 @@ def _median_time(fn, repeats):
     return float(np.median(ts)), out
 
 
+def _interleaved(runs, repeats):
+    """Median seconds of each run, the runs interleaved round-robin after one warm-up each (the
+    machine's load then affects them alike)."""
+    outs = {name: fn() for name, fn in runs.items()}
+    ts = {name: [] for name in runs}
+    for _ in range(max(1, repeats)):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in ts.items()}, outs
+
+
 def part_speed(args):
     X, y = load_digits_data()
     n = 300 if args.quick else 1500
@@ -75,21 +88,24 @@ def part_speed(args):
     def train():
         return _recipe(make_mlp(), epochs, callbacks=[TrajectoryRecorder()]).fit(Xtr, ytr)
 
-    t_train, model = _median_time(train, args.repeats)
+    model = train()
     rec = model.callbacks_[0]
     steps = len(rec.batches_)
-    t_proj, hp = _median_time(lambda: HYDRA(_recipe(make_mlp(), epochs), projection_dim=k).fit(Xtr, ytr),
-                              args.repeats)
-    t_lean, hl = _median_time(
-        lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec).fit(
-            Xtr, ytr, X_target=Xte, y_target=yte), args.repeats)
-    t_lean_full, _ = _median_time(
-        lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean").fit(Xtr, ytr, X_target=Xte, y_target=yte), 1)
     track = np.arange(n_exact)
+    runs = {
+        "train": train,
+        "proj": lambda: HYDRA(_recipe(make_mlp(), epochs), projection_dim=k).fit(Xtr, ytr),
+        "lean": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec).fit(
+            Xtr, ytr, X_target=Xte, y_target=yte),
+        "lean_full": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean").fit(
+            Xtr, ytr, X_target=Xte, y_target=yte),
+        "none_sub": lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="none", track=track).fit(Xtr, ytr),
+    }
+    times, outs = _interleaved(runs, args.repeats)
+    t_train, t_proj, t_lean, t_lean_full, t_none_sub = (times[k_] for k_ in runs)
+    hp, hl = outs["proj"], outs["lean"]
     t_exact, _ = _median_time(
         lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="exact", track=track).fit(Xtr, ytr), 1)
-    t_none_sub, _ = _median_time(
-        lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="none", track=track).fit(Xtr, ytr), 1)
     # agreement of projected and lean scores on the same targets (lean: exact inner products)
     Sp, Sl = hp.attribute(Xte, yte), hl.attribute(None)
     rho = np.mean([spearmanr(a, b)[0] for a, b in zip(Sp, Sl)])

@@ -270,6 +270,7 @@ class ClosedFormRecursion:
     adds to the rows of the batch only."""
 
     uses_records = True
+    flush_rows = 512  # examples buffered before one projection (larger products, less overhead)
 
     def __init__(self, source, tracked, n_train, coefficients, dim, device):
         self.source = source
@@ -278,14 +279,30 @@ class ClosedFormRecursion:
         self.pos[self.tracked] = np.arange(len(self.tracked))
         self.a = np.asarray(coefficients, dtype=np.float64)
         self.D = torch.zeros(len(self.tracked), dim, dtype=torch.float64, device=device)
+        self._buf, self._n = [], 0
 
     def add(self, t, rows, recs, lr):
         if not len(rows):
             return
+        a = float(self.a[t])
+        scaled = [_grad.KronRecord(r.key, r.x, r.d * a, r.bias) if isinstance(r, _grad.KronRecord)
+                  else _grad.DenseRecord(r.key, r.g * a) for r in recs]
+        self._buf.append((np.asarray(rows), scaled))
+        self._n += len(rows)
+        if self._n >= self.flush_rows:
+            self._flush()
+
+    def _flush(self):
+        if not self._buf:
+            return
+        rows = np.concatenate([r for r, _ in self._buf])
+        recs = self._buf[0][1] if len(self._buf) == 1 else cat_records([c for _, c in self._buf])
         g = self.source.project(recs)
-        self.D.index_add_(0, torch.as_tensor(rows, device=self.D.device), g, alpha=float(self.a[t]))
+        self.D.index_add_(0, torch.as_tensor(rows, device=self.D.device), g)
+        self._buf, self._n = [], 0
 
     def finish(self):
+        self._flush()
         return self.D
 
 
@@ -365,18 +382,40 @@ class LeanRecursion:
         self.rself = self_records
         n_t = _grad.records_shape(target_records)[0] if target_records is not None else 0
         dev = source.model.device_
-        self.scores = torch.zeros(n_t, len(self.tracked), dtype=torch.float64, device=dev)
+        self.scores_t = torch.zeros(len(self.tracked), n_t, dtype=torch.float64, device=dev)
         self.self_scores = torch.zeros(len(self.tracked), dtype=torch.float64, device=dev)
+        self._buf, self._n = [], 0
+
+    @property
+    def scores(self):
+        """(n_targets, n_tracked)."""
+        self.flush()
+        return self.scores_t.T
+
+    flush_rows = 512
 
     def add(self, t, rows, recs, lr):
         if not len(rows):
             return
         c = -float(self.a[t])
-        rt = torch.as_tensor(rows, device=self.scores.device)
+        scaled = [_grad.KronRecord(r.key, r.x, r.d * c, r.bias) if isinstance(r, _grad.KronRecord)
+                  else _grad.DenseRecord(r.key, r.g * c) for r in recs]
+        self._buf.append((np.asarray(rows), scaled))
+        self._n += len(rows)
+        if self._n >= self.flush_rows:
+            self.flush()
+
+    def flush(self):
+        if not self._buf:
+            return
+        rows = np.concatenate([r for r, _ in self._buf])
+        recs = self._buf[0][1] if len(self._buf) == 1 else cat_records([c for _, c in self._buf])
+        self._buf, self._n = [], 0
+        rt = torch.as_tensor(rows, device=self.scores_t.device)
         if self.rx is not None:
-            self.scores[:, rt] += c * _grad.gram(self.rx, recs).to(torch.float64)
+            self.scores_t.index_add_(0, rt, _grad.gram(recs, self.rx).to(torch.float64))
         if self.rself is not None:
-            self.self_scores[rt] += c * row_dots(take_records(self.rself, rt), recs).to(torch.float64)
+            self.self_scores.index_add_(0, rt, row_dots(take_records(self.rself, rt), recs).to(torch.float64))
 
 
 class DenseRecursion:

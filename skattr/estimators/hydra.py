@@ -428,6 +428,7 @@ class HYDRA(BaseAttributor):
                 f"The lean replay did not reproduce the trained network (relative difference {err:.2e}): "
                 "training is not deterministic here, so the replayed gradients are not the run's."
             )
+        recursion.flush()
         S = np.full((int(Xtar.shape[0]), self.n_train_), np.nan)
         S[:, self.track_] = recursion.scores.cpu().numpy()
         self.lean_scores_ = S
