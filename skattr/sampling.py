@@ -710,7 +710,7 @@ class Calibration:
     n_steps: int
 
 
-def calibrate_step_size(post, settings, seed, *, n_steps=200, factor=2.0, tol=0.05, max_rungs=10,
+def calibrate_step_size(post, settings, seed, *, n_steps=200, factor=2.0, tol=0.05, max_rungs=8,
                         init_loss=None):
     """Choose the SGLD step size ε from the loss traces of short pilot chains.
 
@@ -739,7 +739,7 @@ def calibrate_step_size(post, settings, seed, *, n_steps=200, factor=2.0, tol=0.
     factor : float, default=2.0
         Ratio of consecutive rungs.
     tol : float, default=0.05
-    max_rungs : int, default=10
+    max_rungs : int, default=8
         When no rung passes, the rung whose level moved least when ε was halved is taken (and
         ``Calibration.accepted`` is False).
     init_loss : float, optional

@@ -84,7 +84,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
     thin : int or "auto", default="auto"
         SGLD steps between draws.  "auto" makes each draw span about 0.6 relaxation times of
         the localisation, ``thin = ceil(1.2 / (step_size * localization))`` (clipped to
-        1..50; 5 when ``localization=0``): a smaller step takes more steps per draw, so the
+        1..20; 5 when ``localization=0``): a smaller step takes more steps per draw, so the
         number of *effective* draws (``ess_``) and the kernel's noise stay about the same.
         The choice is ``thin_``.
     batch_size : int or None, default=None
@@ -284,7 +284,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
         if self.thin != "auto":
             thin = int(self.thin)
         elif gamma > 0:
-            thin = int(min(50, max(1, math.ceil(1.2 / (eps * gamma)))))
+            thin = int(min(20, max(1, math.ceil(1.2 / (eps * gamma)))))
         else:
             thin = 5
         return SGLDSettings(
