@@ -258,7 +258,9 @@ class BatchCapture:
             if not c or len(c) != 1 or c[0][3] is None or c[0][2]._version != c[0][1]:
                 return None
             inp, _, _, g = c[0]
-            recs.extend(_grad._layer_records(name, mod, pnames, inp[pos], g[pos][:, None]))
+            if len(pos) != inp.shape[0]:  # only the tracked rows (all rows: no copy)
+                inp, g = inp[pos], g[pos]
+            recs.extend(_grad._layer_records(name, mod, pnames, inp, g[:, None]))
         self.cap = {}
         return recs
 

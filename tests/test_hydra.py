@@ -375,3 +375,17 @@ def test_lazy_scheme_equals_closed_form(run):
     hook = hg.RecursionHook(lazy, h._source_, Xt, yt, fresh.module_)
     hg.replay(fresh, rec, Xt, yt, hook)
     np.testing.assert_allclose(lazy.finish().numpy(), h.hypergradients_, rtol=1e-9, atol=1e-14)
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The ```python blocks of docs/hydra.md run as written (one namespace, in order)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "hydra.md").read_text()
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, re.S | re.M)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    for b in blocks:
+        exec(compile(b, "docs/hydra.md", "exec"), ns)  # noqa: S102
