@@ -445,3 +445,92 @@ def mislabel_detection_auc(scores, flipped_mask):
         raise ValueError("flipped_mask must contain both flipped and clean examples.")
     return float(roc_auc_score(f, s))
 
+
+
+def _check_detection_input(scores, flipped_mask):
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    f = np.asarray(flipped_mask).reshape(-1)
+    if s.shape != f.shape:
+        raise ValueError(f"scores and flipped_mask differ in length: {s.shape[0]} vs {f.shape[0]}.")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or infinity.")
+    f = f.astype(bool)
+    if not f.any():
+        raise ValueError("flipped_mask marks no flipped example.")
+    return s, f
+
+
+def mislabel_detection_curve(scores, flipped_mask, fractions=None):
+    """Precision and recall of inspecting the most suspicious examples first.
+
+    The examples are inspected in decreasing order of ``scores`` (ties in their index order);
+    after inspecting a fraction ``q`` of the training set (``ceil(q n)`` examples), *recall* is
+    the fraction of all flipped labels found and *precision* the fraction of the inspected
+    examples that are flipped.
+
+    Parameters
+    ----------
+    scores : array-like of shape (n_train,)
+        Higher = more suspicious (self-influence, per-example loss, ...).
+    flipped_mask : array-like of shape (n_train,) of bool
+    fractions : array-like of float in (0, 1], default=None
+        Fractions inspected; ``None``: every count ``1 .. n_train``.
+
+    Returns
+    -------
+    fractions : ndarray
+        The fractions inspected (``count / n_train``).
+    recall : ndarray
+        Fraction of the flipped labels found.
+    precision : ndarray
+        Fraction of the inspected examples that are flipped.
+
+    Examples
+    --------
+    >>> from skattr.metrics import mislabel_detection_curve
+    >>> q, rec, prec = mislabel_detection_curve([0.9, 0.1, 0.8, 0.2], [True, False, False, True], [0.25, 0.5, 1.0])
+    >>> rec.tolist(), prec.tolist()
+    ([0.5, 0.5, 1.0], [1.0, 0.5, 0.5])
+    """
+    s, f = _check_detection_input(scores, flipped_mask)
+    n = s.shape[0]
+    order = np.argsort(-s, kind="stable")
+    found = np.cumsum(f[order])
+    if fractions is None:
+        counts = np.arange(1, n + 1)
+    else:
+        q = np.asarray(fractions, dtype=np.float64).reshape(-1)
+        if np.any(~np.isfinite(q)) or np.any(q <= 0) or np.any(q > 1):
+            raise ValueError(f"fractions must lie in (0, 1], got {q.tolist()[:5]}.")
+        counts = np.maximum(1, np.ceil(q * n - 1e-9).astype(np.int64))
+    hits = found[counts - 1]
+    return counts / n, hits / f.sum(), hits / counts
+
+
+def precision_at_fraction(scores, flipped_mask, fraction=0.1):
+    """Fraction of flipped labels among the ``ceil(fraction n)`` most suspicious examples
+    (see :func:`mislabel_detection_curve`).
+
+    Examples
+    --------
+    >>> from skattr.metrics import precision_at_fraction
+    >>> precision_at_fraction([0.9, 0.1, 0.8, 0.2], [True, False, False, True], 0.5)
+    0.5
+    """
+    return float(mislabel_detection_curve(scores, flipped_mask, [fraction])[2][0])
+
+
+def recall_at_fraction(scores, flipped_mask, fraction=0.1):
+    """Fraction of all flipped labels found among the ``ceil(fraction n)`` most suspicious
+    examples (see :func:`mislabel_detection_curve`).
+
+    Examples
+    --------
+    >>> from skattr.metrics import recall_at_fraction
+    >>> recall_at_fraction([0.9, 0.1, 0.8, 0.2], [True, False, False, True], 0.5)
+    0.5
+    """
+    return float(mislabel_detection_curve(scores, flipped_mask, [fraction])[1][0])
+
+
+__all__ += ["mislabel_detection_curve", "precision_at_fraction", "recall_at_fraction"]

@@ -389,3 +389,30 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     ns = {}
     for b in blocks:
         exec(compile(b, "docs/hydra.md", "exec"), ns)  # noqa: S102
+
+
+# ------------------------------------------------------------------ mislabel-detection metrics
+def test_detection_curve_against_brute_force():
+    from skattr.metrics import mislabel_detection_curve, precision_at_fraction, recall_at_fraction
+
+    rng = np.random.default_rng(0)
+    n = 57
+    s = rng.normal(size=n)
+    f = rng.random(n) < 0.2
+    q, rec, prec = mislabel_detection_curve(s, f)
+    assert q.shape == (n,) and rec[-1] == 1.0 and np.all(np.diff(rec) >= 0)
+    for c in (1, 5, 6, 30, n):  # inspect the c highest scores by brute force
+        top = sorted(range(n), key=lambda i: -s[i])[:c]
+        assert prec[c - 1] == pytest.approx(f[top].mean())
+        assert rec[c - 1] == pytest.approx(f[top].sum() / f.sum())
+    top = sorted(range(n), key=lambda i: -s[i])[:6]  # ceil(0.1 * 57) = 6
+    assert precision_at_fraction(s, f, 0.1) == pytest.approx(f[top].mean())
+    assert recall_at_fraction(s, f, 0.1) == pytest.approx(f[top].sum() / f.sum())
+    # a perfect score finds every flipped label in the first f.sum() inspections
+    assert recall_at_fraction(f.astype(float), f, f.sum() / n) == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        precision_at_fraction(np.r_[s[:-1], np.nan], f)
+    with pytest.raises(ValueError, match="fractions"):
+        mislabel_detection_curve(s, f, [0.0])
+    with pytest.raises(ValueError, match="no flipped"):
+        mislabel_detection_curve(s, np.zeros(n, bool))
