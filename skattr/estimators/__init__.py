@@ -2,6 +2,7 @@
 
 from .base import BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
+from .influence import InfluenceFunction
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
 from .tracin import TracIn
@@ -11,6 +12,7 @@ __all__ = [
     "BaseAttributor",
     "TRAK",
     "TracIn",
+    "InfluenceFunction",
     "ConceptProbe",
     "remove_and_retrain",
     "LossKernel",

@@ -292,6 +292,34 @@ class InfluenceFunction(BaseAttributor):
     def _target_rows(self, j, X, y_enc):
         return self._preconditioned_rows(j, X, y_enc).cpu().numpy()
 
+    def kernel(self, X, Y=None):
+        """The symmetric kernel ``g(x)^T (H + damping I)^{-1} g(x')``, ``(n_X, n_Y)``.
+
+        From the exact loss gradients at the network's predicted labels, also when
+        ``projection_dim`` is set (a projection on both sides of ``M`` would not keep it
+        positive semi-definite); a Gram matrix on any set when ``H + damping I`` is positive
+        definite (always for ``solver="ekfac"``).  ``Y=None`` means ``Y = X``.
+        """
+        X = self._check_X(X)
+        same = Y is None
+        Y = X if same else self._check_X(Y)
+        loss = self._training_loss() if self.solver in ("cg", "lissa") else None
+        yX = self._labels(self.models_, X, None)[0]
+        A, GX = [], []
+        for _, _, _, G in self._gradient_batches(X, yX):
+            A.append(self.curvature_.solve(G, loss).to(torch.float64))
+            GX.append(G.to(torch.float64))
+        A = torch.cat(A)
+        if same:
+            B = torch.cat(GX)
+        else:
+            yY = self._labels(self.models_, Y, None)[0]
+            B = torch.cat([G.to(torch.float64) for _, _, _, G in self._gradient_batches(Y, yY)])
+        K = A @ B.T
+        if same:
+            K = 0.5 * (K + K.T)
+        return K.cpu().numpy()
+
     def self_influence(self):
         """``grad l_i^T (H + damping I)^{-1} grad l_i`` for every training example, (n_train,).
 
