@@ -437,6 +437,11 @@ class AttributionKernel(TransformerMixin, BaseEstimator):
         self.X_fit_ = check_input(X)
         a = self.attributor_
         self.model_ = getattr(a, "model_", a.model)
+        if not hasattr(self.model_, "module_") and (getattr(a, "models", None) is not None
+                                                    or getattr(a, "subsets_", None) is not None):
+            # an ensemble trained from (or given instead of) an untrained template: its first
+            # member stands for the network
+            self.model_ = a.models_[0]
         self.n_features_in_, self.input_shape_ = a.n_features_in_, a.input_shape_
         return self
 

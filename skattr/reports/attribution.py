@@ -127,7 +127,7 @@ def attribution_table(rows):
     for r in rows:
         lds = "-" if not np.isfinite(r.get("lds", np.nan)) else f"{r['lds']:.3f}"
         tau = "-" if not np.isfinite(r.get("tau", np.nan)) else f"{r['tau']:.3f}"
-        note = f" ({r['error']})" if "error" in r else ""
+        note = f" ({r['error']})" if "error" in r else (f" (surrogate: {r['tau_error']})" if "tau_error" in r else "")
         lines.append(f"| {r['method']}{note} | {lds} | {tau} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
