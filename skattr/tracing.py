@@ -1,0 +1,344 @@
+"""Recording the per-example decomposition of training (Pfahler and Morik, 2021).
+
+Under plain SGD every Linear / Conv layer's weight decomposes exactly over steps ``t`` and
+the examples ``i`` of each mini-batch ``B_t``:
+
+    W_T = W_0 + sum_t sum_{i in B_t} dW_{t,i},     dW_{t,i} = -(eta_t / B) delta_{t,i} a_{t,i}^T,
+
+``a`` the layer input (for a convolution its unfolded patches, one row per output position)
+and ``delta`` the gradient of the example's loss at the layer output.  The trainer's loss is the
+batch mean, so the gradient a hook sees at the layer output already carries the ``1 / B``.
+
+:class:`RepresentationRecorder` is a :class:`~skattr.training.Callback` that hooks the traced
+layers during the training forward / backward pass itself (no extra pass) and keeps, per
+recorded step and layer, one :class:`StepRecord`:
+
+* ``"factors"``: ``U = a`` (B, L, d_in [+1]) and ``V = -eta * scale * grad_out`` (B, L, d_out),
+  so that ``dW_{t,i} = sum_s V[i, s] U[i, s]^T``; either side may be randomly projected
+  (``projection_dim``), which keeps inner products unbiased but loses the exact sum;
+* ``"dense"``: the per-example update ``D = einsum(V, U)`` (B, d_out, d_in [+1]) when it is
+  smaller than the factors (small convolutions with many positions);
+* ``"batch"``: ``record="updates"``, the whole update ``W_{t+1} - W_t`` (1, d_out, d_in [+1])
+  of any optimizer, shared by the batch.
+
+A bias is folded in as a last input column of ones (``bias="append"``), so it decomposes
+exactly too; ``bias="exclude"`` leaves it out (its change is then unexplained).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .training import Callback
+
+__all__ = ["RepresentationRecorder", "StepRecord", "TRACEABLE", "layer_dims", "layer_input", "traceable_layers"]
+
+TRACEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _untraceable_reason(mod):
+    if not isinstance(mod, TRACEABLE):
+        return (f"{type(mod).__name__} is not a Linear, Conv1d or Conv2d layer (only those "
+                "decompose into per-example low-rank updates)")
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        if mod.groups != 1:
+            return f"{type(mod).__name__} with groups={mod.groups} (only groups=1 is traced)"
+        if mod.padding_mode != "zeros":
+            return f"{type(mod).__name__} with padding_mode={mod.padding_mode!r} (only 'zeros')"
+        if isinstance(mod.padding, str):
+            return f"{type(mod).__name__} with padding={mod.padding!r} (give integer padding)"
+    if not mod.weight.requires_grad:
+        return f"{type(mod).__name__} has a frozen weight (requires_grad=False)"
+    return None
+
+
+def traceable_layers(module, layers=None):
+    """Names of the traced layers of ``module``: ``layers`` (validated) or every traceable one.
+
+    Raises ``ValueError`` for a name that is missing or names an untraceable layer.
+    """
+    mods = dict(module.named_modules())
+    if layers is None:
+        names = [n for n, m in mods.items() if n and _untraceable_reason(m) is None]
+        if not names and _untraceable_reason(module) is None:
+            names = [""]
+        if not names:
+            raise ValueError(
+                f"The network {type(module).__name__} has no traceable layer (Linear, Conv1d or "
+                "Conv2d with groups=1 and a trainable weight)."
+            )
+        return names
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names:
+        raise ValueError("layers is an empty list; pass None to trace every Linear/Conv layer.")
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"layers must hold module names (str), got {type(n).__name__}.")
+        if n not in mods:
+            avail = [k for k, m in mods.items() if k and isinstance(m, TRACEABLE)]
+            raise ValueError(f"No submodule named {n!r}; traceable layers: {avail[:20]}.")
+        why = _untraceable_reason(mods[n])
+        if why is not None:
+            raise ValueError(f"Layer {n!r} cannot be traced: {why}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers names a layer twice: {names}.")
+    return names
+
+
+def layer_dims(mod, bias=True):
+    """``(d_out, d_in)`` of the layer's weight as a matrix (``d_in`` + 1 with a folded bias)."""
+    d_out = mod.weight.shape[0]
+    d_in = int(np.prod(mod.weight.shape[1:]))
+    return d_out, d_in + int(bias and mod.bias is not None)
+
+
+def layer_input(mod, x, bias):
+    """The layer input as rows (n, L, d_in [+1]): Linear inputs flattened over leading axes,
+    Conv inputs unfolded to patches (one row per output position)."""
+    if isinstance(mod, nn.Linear):
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        if isinstance(mod, nn.Conv1d):
+            x = x.unsqueeze(2)
+            ks, dil, pad, st = (1, *mod.kernel_size), (1, *mod.dilation), (0, *mod.padding), (1, *mod.stride)
+        else:
+            ks, dil, pad, st = mod.kernel_size, mod.dilation, mod.padding, mod.stride
+        a = F.unfold(x, ks, dilation=dil, padding=pad, stride=st).transpose(1, 2)
+    if bias and mod.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+    return a
+
+
+def layer_output(mod, z):
+    """The layer output as rows (n, L, d_out), in the order of :func:`layer_input`."""
+    if isinstance(mod, nn.Linear):
+        return z.reshape(z.shape[0], -1, z.shape[-1])
+    return z.flatten(2).transpose(1, 2)
+
+
+def layer_weight(mod, bias):
+    """The weight as a (d_out, d_in [+1]) matrix (bias as the last column when folded)."""
+    W = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+    if bias and mod.bias is not None:
+        W = torch.cat([W, mod.bias.detach()[:, None]], dim=1)
+    return W
+
+
+class StepRecord:
+    """What one step left in one layer (see the module docstring for ``kind``).
+
+    Attributes
+    ----------
+    step : int
+        The training step (0-based).
+    lr : float
+    index : ndarray of int, (B,)
+        The training examples of the batch.
+    kind : {"factors", "dense", "batch"}
+    U, V : tensors (B, L, k_in), (B, L, k_out) for ``"factors"``
+    D : tensor (B, d_out, d_in) for ``"dense"``, (1, d_out, d_in) for ``"batch"``
+    """
+
+    __slots__ = ("step", "lr", "index", "kind", "U", "V", "D")
+
+    def __init__(self, step, lr, index, kind, U=None, V=None, D=None):
+        self.step, self.lr, self.index, self.kind = int(step), float(lr), np.asarray(index), kind
+        self.U, self.V, self.D = U, V, D
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.U, self.V, self.D) if t is not None)
+
+    def update(self):
+        """The per-example updates ``dW_{t,i}`` (B, d_out, d_in) (exact factors only)."""
+        if self.kind == "factors":
+            return torch.einsum("bld,blk->bdk", self.V, self.U)
+        return self.D
+
+
+def _gaussian(seed, rows, cols, device, dtype):
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    M = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return (M / math.sqrt(cols)).to(device=device, dtype=dtype)
+
+
+class RepresentationRecorder(Callback):
+    """Record the per-example factors of every traced layer's update during training.
+
+    Parameters
+    ----------
+    layers : list of str or None
+        Names of the traced layers (``None``: every Linear / Conv1d / Conv2d layer).
+    record : {"factors", "updates"}, default="factors"
+        ``"factors"``: per-example low-rank factors (plain SGD);
+        ``"updates"``: the whole step update ``W_{t+1} - W_t`` (any optimizer), shared by the batch.
+    projection_dim : int or None
+        Project each side of the factors that is wider than this with a seeded Gaussian
+        matrix (scaled so inner products stay unbiased).
+    step_every : int, default=1
+        Record one step in ``step_every``; the recorded updates are multiplied by
+        ``step_every`` so their sum estimates the whole.
+    bias : {"append", "exclude"}, default="append"
+    seed : int, default=0
+        Seed of the projections.
+
+    Attributes
+    ----------
+    layers_ : list of str
+    records_ : dict {layer: list of StepRecord}
+    initial_ : dict {layer: tensor (d_out, d_in [+1])}
+        ``W_0`` (bias folded).
+    projections_ : dict {layer: (P_out or None, P_in or None)}
+        The projection matrices (d, k) of each side.
+    lrs_ : list of float, one per training step
+    n_steps_ : int
+    momentum_, weight_decay_ : float
+        The optimizer's settings.
+    """
+
+    def __init__(self, layers=None, record="factors", projection_dim=None, step_every=1,
+                 bias="append", seed=0):
+        self.layers = layers
+        self.record = record
+        self.projection_dim = projection_dim
+        self.step_every = step_every
+        self.bias = bias
+        self.seed = seed
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_begin(self, state):
+        net = state.module
+        self.layers_ = traceable_layers(net, self.layers)
+        mods = dict(net.named_modules())
+        self._mods = [mods[n] for n in self.layers_]
+        self._handles, self._cache = [], {}
+        group = state.optimizer.param_groups[0]
+        self.momentum_ = float(group.get("momentum", 0.0) or 0.0)
+        self.weight_decay_ = float(group.get("weight_decay", 0.0) or 0.0)
+        fold = self.bias == "append"
+        self.initial_ = {n: layer_weight(m, fold).clone() for n, m in zip(self.layers_, self._mods)}
+        self.records_ = {n: [] for n in self.layers_}
+        self.projections_ = {}
+        self.kinds_ = {}
+        k = self.projection_dim
+        for j, (n, m) in enumerate(zip(self.layers_, self._mods)):
+            d_out, d_in = layer_dims(m, fold)
+            w = m.weight
+            P_out = _gaussian(self.seed * 1000003 + 2 * j, d_out, k, w.device, w.dtype) if k and d_out > k else None
+            P_in = _gaussian(self.seed * 1000003 + 2 * j + 1, d_in, k, w.device, w.dtype) if k and d_in > k else None
+            self.projections_[n] = (P_out, P_in)
+        self.lrs_ = []
+        self.n_steps_ = 0
+
+    def _recording(self, step):
+        return step % int(self.step_every) == 0
+
+    def on_batch_begin(self, state):
+        if not self._recording(state.step):
+            return
+        if self.record == "updates":
+            fold = self.bias == "append"
+            self._before = [layer_weight(m, fold).clone() for m in self._mods]
+            return
+        self._cache = {n: {"a": [], "g": []} for n in self.layers_}
+        for n, m in zip(self.layers_, self._mods):
+            self._handles.append(m.register_forward_hook(self._make_hook(n)))
+
+    def _make_hook(self, name):
+        slot = self._cache[name]
+
+        def hook(mod, inputs, out):
+            slot["a"].append(inputs[0].detach())
+            grads = slot["g"]
+            pos = len(grads)
+            grads.append(None)
+
+            def save(g):
+                grads[pos] = g.detach()
+
+            out.register_hook(save)
+            # the clone goes on through the network (an in-place activation modifies it, not
+            # the tensor whose gradient is hooked)
+            return out.clone()
+
+        return hook
+
+    def _remove_hooks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def on_batch_end(self, state):
+        self.lrs_.append(float(state.lr))
+        self.n_steps_ = state.step
+        step = state.step - 1
+        if not self._recording(step):
+            return
+        scale = float(self.step_every)
+        fold = self.bias == "append"
+        idx = np.asarray(state.batch_indices).copy()
+        if self.record == "updates":
+            for n, m, W0 in zip(self.layers_, self._mods, self._before):
+                D = (layer_weight(m, fold) - W0) * scale
+                self.records_[n].append(StepRecord(step, state.lr, idx, "batch", D=D[None]))
+            self._before = None
+            return
+        self._remove_hooks()
+        for n, m in zip(self.layers_, self._mods):
+            slot = self._cache[n]
+            if any(g is None for g in slot["g"]):
+                raise RuntimeError(
+                    f"RepresentationTracer: layer {n!r} got no output gradient in step {step} "
+                    "(is its output used in the loss?)."
+                )
+            # several calls of one layer in a forward pass are more positions of its update
+            U = torch.cat([layer_input(m, a, fold) for a in slot["a"]], dim=1)
+            V = torch.cat([layer_output(m, g) for g in slot["g"]], dim=1).mul(-float(state.lr) * scale)
+            self.records_[n].append(self._make_record(n, step, state.lr, idx, U, V))
+        self._cache = {}
+
+    def _make_record(self, name, step, lr, idx, U, V):
+        L, d_in, d_out = U.shape[1], U.shape[2], V.shape[2]
+        kind = self.kinds_.get(name)
+        if kind is None:
+            P_out, P_in = self.projections_[name]
+            k_out = d_out if P_out is None else P_out.shape[1]
+            k_in = d_in if P_in is None else P_in.shape[1]
+            factored = L * (k_in + k_out) <= d_out * d_in or self.projection_dim is not None
+            kind = self.kinds_[name] = "factors" if factored else "dense"
+        if kind == "dense":
+            return StepRecord(step, lr, idx, "dense", D=torch.einsum("bld,blk->bdk", V, U))
+        P_out, P_in = self.projections_[name]
+        if P_out is not None:
+            V = V @ P_out
+        if P_in is not None:
+            U = U @ P_in
+        return StepRecord(step, lr, idx, "factors", U=U.contiguous(), V=V.contiguous())
+
+    def on_train_end(self, state):
+        self._remove_hooks()
+        self._cache, self._mods, self._before = {}, None, None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_handles", None)
+        d.pop("_mods", None)
+        d.pop("_cache", None)
+        d.pop("_before", None)
+        return d
+
+    def nbytes(self):
+        """Bytes held by the records."""
+        return sum(r.nbytes() for recs in self.records_.values() for r in recs)
