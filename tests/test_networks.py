@@ -219,18 +219,18 @@ def test_torchmodel_per_example_gradients(name, dtype):
     assert_rel_close(Gm, R, rtol=_tol(dtype))
 
 
+def _as(X, dtype):
+    return X.to(dtype) if X.is_floating_point() else X  # token ids stay integers
+
+
 @pytest.mark.parametrize("name,dtype", CASES, ids=IDS)
 def test_trace_ntk_and_exact_trak(name, dtype):
     """TraceNTK and exact TRAK against the formulas on brute-force gradients."""
     net = _build(name, dtype)
     X, X2 = _inputs(name, 8, dtype=dtype), _inputs(name, 3, seed=2, dtype=dtype)
-    if name in ("tied-lm", "transformer"):
-        # the estimators validate X with skattr._validation.check_input (floats only); ids
-        # below 2**24 survive the round trip and the embedding gets them back as longs
-        net = _LongInput(net)
-        X, X2 = X.double(), X2.double()
+    # token ids (tied-lm, transformer) go in as integers, unconverted
     model = TorchModel(net, dtype=str(dtype)[6:])
-    J, J2 = brute_force(net, X.to(dtype)), brute_force(net, X2.to(dtype))
+    J, J2 = brute_force(net, _as(X, dtype)), brute_force(net, _as(X2, dtype))
     K = TraceNTK(model, normalize=False).fit(X).transform(X2)
     assert_rel_close(K, torch.einsum("icp,jcp->ij", J2, J), rtol=_tol(dtype) * 10)
 
@@ -239,23 +239,14 @@ def test_trace_ntk_and_exact_trak(name, dtype):
         y, y2 = np.arange(8) % V, np.array([1, 7, 10])
     S = TRAK(model, projection_dim=None, ridge=0.1).fit(X, y).attribute(X2, y2)
     yt, y2t = torch.as_tensor(y), torch.as_tensor(y2)
-    Phi = brute_force(net, X.to(dtype), fn=_margin, y=yt)[:, 0].double()
-    g = brute_force(net, X2.to(dtype), fn=_margin, y=y2t)[:, 0].double()
+    Phi = brute_force(net, _as(X, dtype), fn=_margin, y=yt)[:, 0].double()
+    g = brute_force(net, _as(X2, dtype), fn=_margin, y=y2t)[:, 0].double()
     lam = 0.1 * (Phi**2).sum(1).mean()
     A = torch.linalg.inv(Phi.T @ Phi + lam * torch.eye(Phi.shape[1], dtype=torch.float64))
     with torch.no_grad():
-        p = torch.softmax(net(X.to(dtype)).double(), 1)[torch.arange(len(y)), yt]
+        p = torch.softmax(net(_as(X, dtype)).double(), 1)[torch.arange(len(y)), yt]
     ref = g @ A @ Phi.T * (1 - p)
     assert_rel_close(S, ref, rtol=1e-4 if dtype == torch.float32 else 1e-7)
-
-
-class _LongInput(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, t):
-        return self.net(t.long())
 
 
 # ----------------------------------------------------------------------------- item by item
@@ -289,6 +280,14 @@ def test_integer_inputs_keep_their_dtype():
     info = {}
     G.compute_records(net, X, info=info)
     assert info["engine"] == "structured"  # nn.Embedding has a structured record
+    # and through the estimators' input validation: integer ids as numpy arrays and tensors
+    ids = X.numpy()
+    K = TraceNTK(fitted, normalize=False).fit(ids).transform(ids[:3])
+    R = brute_force(fitted.module_, X)
+    assert_rel_close(K, torch.einsum("icp,jcp->ij", R[:3], R), rtol=1e-10)
+    tr = TRAK(fitted, projection_dim=None).fit(X, y)
+    assert tr.engine_["engine"] == "structured"
+    assert np.isfinite(tr.attribute(ids[:2], y[:2])).all()
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
