@@ -123,3 +123,175 @@ def save(ax_or_fig, path, dpi=120):
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- representation tracing (issue 12)
+def _weighted_kde(values, weights, grid, bandwidth):
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        return np.zeros_like(grid)
+    w = w / w.sum()
+    d = (grid[:, None] - np.asarray(values, dtype=np.float64)[None, :]) / bandwidth
+    return (np.exp(-0.5 * d**2) * w[None, :]).sum(1) / (bandwidth * np.sqrt(2 * np.pi))
+
+
+def plot_class_ridge(stats, sample=0, *, predicted=None, bandwidth=0.05, ax=None, title=None):
+    """Ridge plot of one layer's class statistics for one test sample (Pfahler and Morik).
+
+    For each class, a Gaussian KDE (``bandwidth``) of the cosines ``cos(c_{t,i}(x), p(x))`` of
+    its training examples' contributions, weighted by ``||c_{t,i}(x)||``; curves are scaled by
+    the class's share of the total weight, so a class that built the representation shows as a
+    tall curve on the right (cosine near 1).  The predicted class is drawn highlighted.
+
+    Parameters
+    ----------
+    stats : dict
+        One layer's entry of :meth:`RepresentationTracer.class_statistics` (keys ``cos``,
+        ``weight``, ``label``, ``classes``).
+    sample : int, default=0
+        Row of the samples passed to ``class_statistics``.
+    predicted : label or None, default=None
+        The class to highlight (e.g. the model's prediction).
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skattr.plotting import plot_class_ridge
+    >>> rng = np.random.default_rng(0)
+    >>> stats = {"cos": rng.uniform(-1, 1, (1, 40)), "weight": rng.uniform(0, 1, (1, 40)),
+    ...          "label": np.repeat([0, 1], 20), "classes": np.array([0, 1])}
+    >>> ax = plot_class_ridge(stats, predicted=1)
+    """
+    plt = _plt()
+    cos = np.asarray(stats["cos"])[sample]
+    w = np.asarray(stats["weight"])[sample]
+    label, classes = np.asarray(stats["label"]), np.asarray(stats["classes"])
+    if cos.shape != w.shape or cos.shape != label.shape:
+        raise ValueError(f"cos, weight and label must align; got {cos.shape}, {w.shape}, {label.shape}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 0.45 * len(classes) + 1.2))
+    grid = np.linspace(-1, 1, 401)
+    total = w.sum() if w.sum() > 0 else 1.0
+    dens = [_weighted_kde(cos[label == c], w[label == c], grid, bandwidth) * w[label == c].sum() / total
+            for c in classes]
+    peak = max((d.max() for d in dens), default=1.0) or 1.0
+    for j, (c, d) in enumerate(zip(classes, dens)):
+        hi = predicted is not None and c == predicted
+        y0 = j
+        ax.fill_between(grid, y0, y0 + 0.9 * d / peak, color="C3" if hi else "C0", alpha=0.8 if hi else 0.45,
+                        lw=0)
+        ax.plot(grid, y0 + 0.9 * d / peak, color="k", lw=0.6)
+    ax.set_yticks(np.arange(len(classes)))
+    ax.set_yticklabels([str(c) for c in classes], fontsize=7)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("cos(c, p), weighted by ||c||")
+    ax.set_ylabel("class of the training examples")
+    ax.axvline(0, color="grey", lw=0.5, ls="--")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_influence_over_time(steps, influence, sample=0, *, cumulative=True, ax=None, title=None):
+    """Per-layer influence of each training step on one test sample's representation.
+
+    Parameters
+    ----------
+    steps : array of shape (n_steps,)
+    influence : dict {layer: array of shape (n_samples, n_steps)}
+        As returned by :meth:`RepresentationTracer.influence_over_time`.
+    cumulative : bool, default=True
+        Plot the running sum (which ends at ``||p(x)||`` per layer), else the per-step values.
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skattr.plotting import plot_influence_over_time
+    >>> ax = plot_influence_over_time(np.arange(5), {"fc": np.ones((1, 5))})
+    """
+    plt = _plt()
+    steps = np.asarray(steps)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, vals in influence.items():
+        v = np.asarray(vals)[sample]
+        if v.shape != steps.shape:
+            raise ValueError(f"influence[{name!r}] has {v.shape[0]} steps, steps has {steps.shape[0]}.")
+        ax.plot(steps, np.cumsum(v) if cumulative else v, label=str(name) or "(network)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("cumulative influence (-> ||p(x)||)" if cumulative else "influence of the step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="layer", title_fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def plot_top_k_images(X_test, X_train, proponents, *, image_shape=None, y_test=None, y_train=None,
+                      scores=None, cmap="gray_r"):
+    """A grid: each row a test image followed by its top-k training images.
+
+    Parameters
+    ----------
+    X_test : array of shape (n_rows, ...)
+    X_train : array of shape (n_train, ...)
+    proponents : int array of shape (n_rows, k)
+        Indices into ``X_train`` (``top_k(X_test).proponents``).
+    image_shape : tuple, default=None
+        Shape to reshape each sample to (e.g. ``(8, 8)``); ``None`` keeps it (channels first
+        with 1 or 3 channels are shown as images).
+    y_test, y_train : arrays of labels, optional (shown in the titles)
+    scores : array of shape (n_rows, k), optional (shown in the titles)
+
+    Returns
+    -------
+    fig : matplotlib Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skattr.plotting import plot_top_k_images
+    >>> fig = plot_top_k_images(np.zeros((2, 64)), np.ones((5, 64)), np.array([[0, 1], [2, 3]]),
+    ...                         image_shape=(8, 8))
+    """
+    plt = _plt()
+    X_test, X_train, P = np.asarray(X_test), np.asarray(X_train), np.asarray(proponents)
+    if P.ndim != 2 or P.shape[0] != X_test.shape[0]:
+        raise ValueError(f"proponents must be (n_rows, k) with one row per test image; got {P.shape}.")
+
+    def img(x):
+        x = x.reshape(image_shape) if image_shape is not None else x
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+        return x
+
+    n, k = P.shape
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.1 * (k + 1), 1.2 * n), squeeze=False)
+    for r in range(n):
+        axes[r, 0].imshow(img(X_test[r]), cmap=cmap)
+        axes[r, 0].set_title("test" + (f" y={y_test[r]}" if y_test is not None else ""), fontsize=6,
+                             color="C3")
+        for j in range(k):
+            i = int(P[r, j])
+            axes[r, j + 1].imshow(img(X_train[i]), cmap=cmap)
+            parts = [f"#{i}"]
+            if y_train is not None:
+                parts.append(f"y={y_train[i]}")
+            if scores is not None:
+                parts.append(f"{scores[r, j]:.2g}")
+            axes[r, j + 1].set_title(" ".join(parts), fontsize=5)
+    for a in axes.ravel():
+        a.set_xticks([])
+        a.set_yticks([])
+    return fig
+
+
+__all__ += ["plot_class_ridge", "plot_influence_over_time", "plot_top_k_images"]

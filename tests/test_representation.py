@@ -262,3 +262,25 @@ def test_clone_and_pickle(digits):
     back = pickle.loads(pickle.dumps(tr))
     np.testing.assert_array_equal(back.attribute(X[:4]), S)
     np.testing.assert_array_equal(clone(tr).fit(X, y).attribute(X[:4]), S)  # deterministic
+
+
+def test_plots_write_pngs(digits, tmp_path):
+    pytest.importorskip("matplotlib")
+    from skattr.plotting import plot_class_ridge, plot_influence_over_time, plot_top_k_images, save
+
+    X, y = digits[0][:100], digits[1][:100]
+    Xte = digits[0][300:303]
+    tr = RepresentationTracer(_model(_cnn())).fit(X, y)
+    stats = tr.class_statistics(Xte)
+    pred = tr.model_.predict(Xte)
+    paths = [save(plot_class_ridge(stats[tr.layers_[-1]], 0, predicted=pred[0]), tmp_path / "ridge.png")]
+    steps, inf = tr.influence_over_time(Xte)
+    paths.append(save(plot_influence_over_time(steps, inf, 1), tmp_path / "time.png"))
+    top = tr.top_k(Xte, k=4)
+    fig = plot_top_k_images(Xte, X, top.proponents, image_shape=(8, 8), y_test=digits[1][300:303],
+                            y_train=y, scores=top.proponent_scores)
+    paths.append(save(fig, tmp_path / "grid.png"))
+    for p in paths:
+        assert p.stat().st_size > 1000
+    with pytest.raises(ValueError, match="steps"):
+        plot_influence_over_time(steps[:-1], inf)
