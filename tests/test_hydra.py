@@ -416,3 +416,33 @@ def test_detection_curve_against_brute_force():
         mislabel_detection_curve(s, f, [0.0])
     with pytest.raises(ValueError, match="no flipped"):
         mislabel_detection_curve(s, np.zeros(n, bool))
+
+
+class _Img(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 1, 3, 3)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(_Img(), nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.LayerNorm(8),
+                         nn.Linear(8, C)).double()
+
+
+@pytest.mark.parametrize("hessian", ["none", "exact"])
+def test_cnn_equals_unrolled_autograd(hessian):
+    """Conv and LayerNorm layers: the per-example gradients read off the training step
+    (unfolded patches, normalised inputs) and the curvature products, against autograd."""
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(16, 9)), rng.integers(0, C, 16)
+    y[:C] = np.arange(C)
+    kw = dict(epochs=3, batch_size=6, lr=0.2, momentum=0.9, weight_decay=0.01, lr_schedule="linear",
+              dtype="float64", random_state=0)
+    m = TorchModel(_cnn(), callbacks=[TrajectoryRecorder()], **kw).fit(X, y)
+    ref = _unrolled_jacobian(_cnn(), m.callbacks_[0], X, y, hessian).T.numpy()
+    h = HYDRA(TorchModel(_cnn(), **kw), hessian=hessian).fit(X, y)
+    assert _rel(h.hypergradients_, ref) < 1e-6
+    if hessian == "none":
+        Xq, yq = X[:4] + 0.1, y[:4]
+        lean = HYDRA(TorchModel(_cnn(), **kw), mode="lean").fit(X, y, X_target=Xq, y_target=yq)
+        np.testing.assert_allclose(lean.attribute(None), h.attribute(Xq, yq), rtol=1e-6, atol=1e-12)
