@@ -14,8 +14,11 @@ training examples by a per-example score (higher = more suspicious):
 * ``IF EK-FAC``: ``InfluenceFunction(solver="ekfac", damping=0.1).self_influence()``.
 
 Reported per method: detection ROC AUC and precision / recall after inspecting 10 % of the
-training set (``skattr.metrics``), mean +- std over seeds (the seed sets the flips, the
-initialisation and the batch order), and the time of each method.
+training set (``skattr.metrics``), the test accuracy of the network retrained (shared harness
+``skattr.ensemble.train_models``, same recipe and seed) without the method's top suspects (as
+many as labels were flipped) next to retraining without as many random examples, mean +- std
+over seeds (the seed sets the flips, the initialisation and the batch order), and the time of
+each method.
 
 Usage::
 
@@ -39,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import load_digits_data, make_mlp, print_table  # noqa: E402
 
 from skattr import TorchModel, TrajectoryRecorder  # noqa: E402
+from skattr.ensemble import train_models  # noqa: E402
 from skattr.estimators import TRAK, TracIn  # noqa: E402
 from skattr.estimators.hydra import HYDRA  # noqa: E402
 from skattr.metrics import mislabel_detection_auc, precision_at_fraction, recall_at_fraction  # noqa: E402
@@ -83,16 +87,28 @@ def run_seed(seed, noise, n, epochs, k):
             model, solver="ekfac", damping=0.1).fit(Xtr, ytr).self_influence()
     except ImportError:  # pragma: no cover
         pass
-    out = {}
+    out, ranks = {}, {}
     for name, fn in methods.items():
         t0 = time.perf_counter()
         s = np.asarray(fn(), dtype=np.float64)
         dt = time.perf_counter() - t0
+        ranks[name] = np.argsort(-s, kind="stable")
         out[name] = (mislabel_detection_auc(s, flipped), precision_at_fraction(s, flipped, 0.1),
                      recall_at_fraction(s, flipped, 0.1), dt)
         print(f"  seed {seed} {name}: AUC {out[name][0]:.3f}  P@10% {out[name][1]:.3f}  "
               f"R@10% {out[name][2]:.3f}  ({dt:.1f} s)", flush=True)
-    return out, acc
+    # retrain (the shared harness, same recipe and seed) without the top-q suspects of each
+    # method, q = the fraction flipped, vs without q random examples
+    q = int(round(noise * n))
+    subsets = {name: np.sort(r[q:]) for name, r in ranks.items()}
+    subsets["random"] = np.sort(rng.permutation(n)[q:])
+    subsets["all (noisy)"] = np.arange(n)
+    names = list(subsets)
+    models = train_models(_recipe(seed, epochs), Xtr, ytr, [subsets[k_] for k_ in names], [seed] * len(names))
+    retrain = {name: float(m.score(Xte, yte)) for name, m in zip(names, models)}
+    print(f"  seed {seed} retrained test accuracy: "
+          + ", ".join(f"{k_} {v:.3f}" for k_, v in retrain.items()), flush=True)
+    return out, acc, retrain
 
 
 def main():
@@ -107,19 +123,26 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"== noisy labels: digits MLP 64-256-256-10, {args.n_train} train, {args.noise:.0%} flipped, "
           f"{args.epochs} epochs, seeds {args.seeds} | torch {torch.__version__} ==")
-    res, accs = {}, []
+    res, accs, ret = {}, [], {}
     for s in args.seeds:
-        out, acc = run_seed(s, args.noise, args.n_train, args.epochs, args.k)
+        out, acc, retrain = run_seed(s, args.noise, args.n_train, args.epochs, args.k)
         accs.append(acc)
         for name, v in out.items():
             res.setdefault(name, []).append(v)
+        for name, v in retrain.items():
+            ret.setdefault(name, []).append(v)
     rows = []
     for name, vs in res.items():
         v = np.asarray(vs)
         m, sd = v.mean(0), v.std(0)
+        r = np.asarray(ret[name])
         rows.append([name, f"{m[0]:.3f} ± {sd[0]:.3f}", f"{m[1]:.3f} ± {sd[1]:.3f}",
-                     f"{m[2]:.3f} ± {sd[2]:.3f}", f"{m[3]:.1f}"])
-    print_table(rows, ["method", "AUC", "precision @10%", "recall @10%", "seconds"],
+                     f"{m[2]:.3f} ± {sd[2]:.3f}", f"{r.mean():.3f} ± {r.std():.3f}", f"{m[3]:.1f}"])
+    for name in ("random", "all (noisy)"):
+        r = np.asarray(ret[name])
+        rows.append([f"({name})", "-", "-", "-", f"{r.mean():.3f} ± {r.std():.3f}", "-"])
+    print_table(rows, ["method", "AUC", "precision @10%", "recall @10%",
+                       f"test acc. retrained without top {args.noise:.0%}", "seconds"],
                 title=f"{args.noise:.0%} flipped labels, {len(args.seeds)} seeds; test accuracy of the "
                       f"noisy-trained network {np.mean(accs):.3f} ± {np.std(accs):.3f}")
 
