@@ -381,7 +381,10 @@ class LeanRecursion:
         self.pos[self.tracked] = np.arange(len(self.tracked))
         self.a = np.asarray(coefficients, dtype=np.float64)
         self.rx = target_records
-        self.rself = self_records
+        # the bias column appended once (not at every gather of the rows of a batch)
+        self.rself = None if self_records is None else [
+            _grad.KronRecord(r.key, r.a, r.d, False) if isinstance(r, _grad.KronRecord) else r
+            for r in self_records]
         n_t = _grad.records_shape(target_records)[0] if target_records is not None else 0
         dev = source.model.device_
         self.scores_t = torch.zeros(len(self.tracked), n_t, dtype=torch.float64, device=dev)
