@@ -2,6 +2,7 @@
 
 from .base import BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
+from .hydra import HYDRA
 from .influence import InfluenceFunction
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
@@ -13,6 +14,7 @@ __all__ = [
     "TRAK",
     "TracIn",
     "InfluenceFunction",
+    "HYDRA",
     "ConceptProbe",
     "remove_and_retrain",
     "LossKernel",
