@@ -4,6 +4,7 @@ from .base import BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
 from .hydra import HYDRA
 from .influence import InfluenceFunction
+from .representation import RepresentationTracer
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
 from .tracin import TracIn
@@ -15,6 +16,7 @@ __all__ = [
     "TracIn",
     "InfluenceFunction",
     "HYDRA",
+    "RepresentationTracer",
     "ConceptProbe",
     "remove_and_retrain",
     "LossKernel",
