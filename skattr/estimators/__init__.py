@@ -4,9 +4,9 @@ from .base import BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
 from .hydra import HYDRA
 from .influence import InfluenceFunction
-from .representation import RepresentationTracer
 from .loss_kernel import LossKernel
 from .ntk import EmbeddingKernel, EmpiricalNTK, GradCosKernel, PseudoNTK, TraceNTK
+from .representation import RepresentationTracer
 from .tracin import TracIn
 from .trak import TRAK
 
