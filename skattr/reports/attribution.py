@@ -2,7 +2,7 @@
 
 :func:`attribution_study` scores every attribution method on the same training / test split and
 against the same retrained models (:class:`skattr.metrics.SubsetRetrainer`): the linear
-datamodeling score (LDS) of TRAK with one and several models, TracIn, influence functions (each
+datamodeling score (LDS) of TRAK with one and several models, TracIn, HYDRA, influence functions (each
 solver that fits the model) and Grad-Cos, and next to it the Kendall-tau fidelity of a
 kernel-ridge surrogate built on each method's kernel (:meth:`BaseAttributor.kernel`) beside the
 trace NTK's.  Shared with ``benchmarks/attribution_comparison.py``, which runs it at full size.
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.base import clone
 
-from ..estimators import TRAK, GradCosKernel, TraceNTK, TracIn
+from ..estimators import HYDRA, TRAK, GradCosKernel, TraceNTK, TracIn
 from ..metrics import KernelAttribution, SubsetRetrainer
 from ..surrogates import KernelSurrogate
 from ..training import TrajectoryRecorder
@@ -82,6 +82,9 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
         (f"TRAK-{n_models}", TRAK(model, models=members, projection_dim=projection_dim,
                                   random_state=random_state)),
         ("TracIn", TracIn(full)),
+        # trains its own copy of the template (the same seeded run as ``full``), carrying the
+        # projected hypergradients of every training example
+        ("HYDRA", HYDRA(model, projection_dim=projection_dim, random_state=random_state)),
     ]
     IF = _influence_class()
     if IF is not None:
@@ -104,7 +107,7 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
             row["lds"], row["error"] = float("nan"), f"{type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - t
         # an iterative solver's kernel on the training set costs n_train linear solves
-        cheap = name != "Grad-Cos" and "(cg)" not in name and "(lissa)" not in name
+        cheap = name not in ("Grad-Cos", "HYDRA") and "(cg)" not in name and "(lissa)" not in name
         if fidelity and cheap and "error" not in row:
             try:
                 sur = KernelSurrogate(est, "krr").fit(Xtr)
