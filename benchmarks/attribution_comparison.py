@@ -40,6 +40,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "attribution"))
     p.add_argument("--cache", default=None, help="retrained models' cache (default: OUT/cache)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--solvers", nargs="+", default=["cg", "lissa", "ekfac"],
+                   help="influence-function solvers (exact is added for networks <= 5,000 parameters)")
+    p.add_argument("--cg-iter", type=int, default=None, help="CG iterations (default: the estimator's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -53,6 +56,7 @@ def main(argv=None):
         res = attribution_study(
             model, Xtr, ytr, Xte, yte, n_subsets=8 if args.quick else args.n_subsets,
             n_models=3 if args.quick else 10, projection_dim=args.projection_dim,
+            solvers=tuple(args.solvers), cg_iter=args.cg_iter,
             cache_dir=os.path.join(args.cache or os.path.join(args.out, "cache"), arch),
         )
         title = (f"{arch}: LDS on {n_test} test digits ({n_train} training; "

@@ -38,7 +38,7 @@ def _n_params(model):
 
 
 def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, projection_dim=2048,
-                      solvers=("cg", "lissa", "ekfac"), damping=None, lissa_iter=300, exact_max_params=5000,
+                      solvers=("cg", "lissa", "ekfac"), damping=None, lissa_iter=300, cg_iter=None, exact_max_params=5000,
                       fidelity=True, cache_dir=None, random_state=0, verbose=0):
     """LDS (and surrogate fidelity) of every attribution method on one split.
 
@@ -59,6 +59,8 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
     lissa_iter : int
         LiSSA's iterations (its default suits a small network; each is a Hessian-vector product
         over the training set for every target).
+    cg_iter : int or None
+        CG's iterations (None: the estimator's default).
     fidelity : bool
         Also fit a kernel-ridge surrogate on each method's kernel and report its Kendall tau
         (not for CG / LiSSA influence functions, whose training kernel costs ``n_train``
@@ -93,7 +95,7 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
             sol.insert(0, "exact")
         kw = {} if damping is None else {"damping": damping}
         for s in sol:
-            extra = {"n_iter": lissa_iter} if s == "lissa" else {}
+            extra = {"n_iter": lissa_iter} if s == "lissa" else ({"n_iter": cg_iter} if s == "cg" and cg_iter else {})
             methods.append((f"IF ({s})", IF(full, solver=s, random_state=random_state, **kw, **extra)))
     methods.append(("Grad-Cos", KernelAttribution(GradCosKernel(full, labels="given"))))
     rows = []
