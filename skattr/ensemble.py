@@ -23,6 +23,7 @@ import joblib
 import numpy as np
 import torch
 from sklearn.base import clone
+from torch.nn.parameter import is_lazy
 
 from .featurize import progress
 from .model import TorchModel
@@ -160,11 +161,26 @@ def load_member(template, obj, where="models[0]"):
     )
 
 
-def check_members(members, X, name="models", kind="Ensemble member"):
+def _shapes(model):
+    return [(n, tuple(p.shape)) for n, p in model.network().named_parameters()]
+
+
+def check_members(members, X, name="models", kind="Ensemble member", template=None):
     """Raise unless every model shares the first one's task, architecture, parameters, dtype,
-    classes and outputs, and was fitted on inputs shaped like ``X``'s rows."""
+    classes and outputs (and the ``template``'s architecture, when it has no lazy layer), and
+    was fitted on inputs shaped like ``X``'s rows."""
     ref = members[0]
-    ref_shapes = [(n, tuple(p.shape)) for n, p in ref.network().named_parameters()]
+    ref_shapes = _shapes(ref)
+    if template is not None and not any(is_lazy(p) for p in template.network().parameters()):
+        t_shapes = _shapes(template)
+        if t_shapes != ref_shapes:
+            da, db = dict(ref_shapes), dict(t_shapes)
+            diff = [k for k in dict.fromkeys(list(da) + list(db)) if da.get(k) != db.get(k)]
+            k = diff[0] if diff else "?"
+            raise ValueError(
+                f"{kind} {name}[0] does not match the model's network: parameter {k!r} has shape "
+                f"{da.get(k, 'missing')} vs {db.get(k, 'missing')} (different architectures)."
+            )
     for i, m in enumerate(members[1:], 1):
         msg = f"{kind} {name}[{i}] does not match {name}[0]"
         if m.task != ref.task:

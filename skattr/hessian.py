@@ -350,8 +350,11 @@ class ExactInverse:
                 f"H + damping I is singular (damping={self.damping:g}; {k} of {D} eigenvalues "
                 f"within {tol:.2g} of zero; largest |eigenvalue| {scale:.3g}): the Hessian of the "
                 "training loss has a null space (e.g. inputs that are always zero, dead units, "
-                "more parameters than the data constrain). Set damping > 0, e.g. "
-                f"damping={max(1e-3 * scale, 1e-8):.2g}."
+                "more parameters than the data constrain)"
+                + (f", or a negative eigenvalue of H (smallest {float(w.min()):.3g}) cancels the "
+                   f"damping. Set damping above {-float(w.min()):.3g}, e.g. "
+                   f"damping={2 * -float(w.min()):.2g}." if float(w.min()) < -0.5 * self.damping else
+                   f". Set damping > 0, e.g. damping={max(1e-3 * scale, 1e-8):.2g}.")
             )
         neg = int((shifted < 0).sum())
         if neg:

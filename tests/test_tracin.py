@@ -194,5 +194,9 @@ def test_bad_checkpoints(digits, fitted):
     other = torch.nn.Sequential(torch.nn.Linear(64, 7), torch.nn.Tanh(), torch.nn.Linear(7, 10))
     with pytest.raises(ValueError, match=r"checkpoints\[0\].*does not match"):
         TracIn(fitted, checkpoints=[(other.state_dict(), 0.1)]).fit(X[:50], y[:50])
+    # a fitted TorchModel of another architecture is refused too (it used to pass unchecked)
+    other_model = TorchModel(other, epochs=1, dtype="float64", random_state=0).fit(X[:50], y[:50])
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] does not match the model's network"):
+        TracIn(fitted, checkpoints=[(other_model, 0.1)]).fit(X[:50], y[:50])
     with pytest.raises(ValueError, match="labels"):
         TracIn(fitted).fit(X[:50])

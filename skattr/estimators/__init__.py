@@ -1,6 +1,6 @@
 """Kernel and attribution estimators, one module per method family."""
 
-from .base import BaseAttributor
+from .base import AttributionKernel, BaseAttributor
 from .concept import ConceptProbe, remove_and_retrain
 from .hydra import HYDRA
 from .influence import InfluenceFunction
@@ -11,6 +11,7 @@ from .tracin import TracIn
 from .trak import TRAK
 
 __all__ = [
+    "AttributionKernel",
     "BaseAttributor",
     "TRAK",
     "TracIn",

@@ -210,7 +210,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         models, masks = self._fit_models(X, y)
         for m in models:
             m.prepare(X[:1])
-        check_members(models, X, **self._member_names())
+        check_members(models, X, template=self.model, **self._member_names())
         self.output_.check(models[0])
         if len(models) > 1 and getattr(self.output_, "single_model", False):
             raise ValueError(
