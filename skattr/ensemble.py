@@ -165,6 +165,14 @@ def _shapes(model):
     return [(n, tuple(p.shape)) for n, p in model.network().named_parameters()]
 
 
+def _first_difference(shapes, ref_shapes):
+    """``"parameter 'k' has shape A vs B"`` for the first parameter whose shape differs."""
+    da, db = dict(shapes), dict(ref_shapes)
+    diff = [k for k in dict.fromkeys(list(da) + list(db)) if da.get(k) != db.get(k)]
+    k = diff[0] if diff else "?"
+    return f"parameter {k!r} has shape {da.get(k, 'missing')} vs {db.get(k, 'missing')}"
+
+
 def check_members(members, X, name="models", kind="Ensemble member", template=None):
     """Raise unless every model shares the first one's task, architecture, parameters, dtype,
     classes and outputs (and the ``template``'s architecture, when it has no lazy layer), and
@@ -174,26 +182,17 @@ def check_members(members, X, name="models", kind="Ensemble member", template=No
     if template is not None and not any(is_lazy(p) for p in template.network().parameters()):
         t_shapes = _shapes(template)
         if t_shapes != ref_shapes:
-            da, db = dict(ref_shapes), dict(t_shapes)
-            diff = [k for k in dict.fromkeys(list(da) + list(db)) if da.get(k) != db.get(k)]
-            k = diff[0] if diff else "?"
             raise ValueError(
-                f"{kind} {name}[0] does not match the model's network: parameter {k!r} has shape "
-                f"{da.get(k, 'missing')} vs {db.get(k, 'missing')} (different architectures)."
+                f"{kind} {name}[0] does not match the model's network: "
+                f"{_first_difference(ref_shapes, t_shapes)} (different architectures)."
             )
     for i, m in enumerate(members[1:], 1):
         msg = f"{kind} {name}[{i}] does not match {name}[0]"
         if m.task != ref.task:
             raise ValueError(f"{msg}: task {m.task!r} vs {ref.task!r}.")
-        shapes = [(n, tuple(p.shape)) for n, p in m.network().named_parameters()]
+        shapes = _shapes(m)
         if shapes != ref_shapes:
-            da, db = dict(shapes), dict(ref_shapes)
-            diff = [k for k in dict.fromkeys(list(da) + list(db)) if da.get(k) != db.get(k)]
-            k = diff[0] if diff else "?"
-            raise ValueError(
-                f"{msg}: parameter {k!r} has shape {da.get(k, 'missing')} vs "
-                f"{db.get(k, 'missing')} (different architectures)."
-            )
+            raise ValueError(f"{msg}: {_first_difference(shapes, ref_shapes)} (different architectures).")
         if m.prefixes_ != ref.prefixes_ or m.dtype != ref.dtype:
             raise ValueError(f"{msg}: params/dtype differ ({m.params!r}, {m.dtype!r}).")
         if ref.task == "classification":

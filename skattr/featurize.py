@@ -191,17 +191,6 @@ class Featurizer:
             yb = None if y_enc is None else y_enc[i0:i1]
             yield i0, self.records(Xt[i0:i1], yb)
 
-    def project_records(self, recs, out):
-        """Project records into ``out`` (rows, k) with this featuriser's projection and scale
-        (or flatten them when exact)."""
-        proj = self.projector()
-        if proj is None:
-            out.copy_(_grad.flatten(recs)[:, 0])
-            return out
-        out.zero_()
-        _grad.project(recs, proj, out=out[:, None, :])
-        return out.mul_(1.0 / math.sqrt(proj.k))
-
 
 def featurize_batches(batches, projector, out=None, *, n=None):
     """The featurisation loop every kernel and attributor runs: the records of each batch,
