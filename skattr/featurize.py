@@ -230,10 +230,7 @@ def write_flat(records, out):
             if r.bias:
                 out[:, c + d_out * d_x : c + p] = r.d[:, 0, 0]
         else:
-            g = r.dense()[:, 0]
-            if isinstance(r, _grad.KronRecord):
-                g = _grad._kron_to_param_order(g[:, None].reshape(n, 1, r.d.shape[-1], r.d_in), r.key)[:, 0]
-            out[:, c : c + p] = g
+            out[:, c : c + p] = _grad.flatten([r])[:, 0]  # the general layout, one record
         c += p
     if c != out.shape[1]:
         raise RuntimeError(f"The gradient records hold {c} parameters, the output {out.shape[1]}.")
