@@ -131,6 +131,7 @@ class _GradientKernel(_BaseKernel):
         "method": [StrOptions({"auto", "structured", "vmap", "autograd"})],
         "memory": [FeatureCache, None],
         "random_state": ["random_state"],
+        "output": [StrOptions({"kernel", "features"})],
     }
 
     def __init__(
@@ -145,6 +146,7 @@ class _GradientKernel(_BaseKernel):
         memory=None,
         random_state=0,
         verbose=0,
+        output="kernel",
     ):
         self.model = model
         self.projection_dim = projection_dim
@@ -155,6 +157,7 @@ class _GradientKernel(_BaseKernel):
         self.memory = memory
         self.random_state = random_state
         self.verbose = verbose
+        self.output = output
 
     # -- labels used by the output function (only Grad-Cos needs them) -------------------
     def _labels(self, X, y):
@@ -248,10 +251,20 @@ class _GradientKernel(_BaseKernel):
             Only used by kernels of the loss (Grad-Cos); defaults to the network's predictions.
         """
         self._validate_params()
+        if self.output == "features" and self.projection_dim is None:
+            raise ValueError(
+                f"{type(self).__name__}(output='features') needs projection_dim: the exact "
+                "feature map has one column per parameter and output."
+            )
         X = self._validate(X, reset=True)
         self._fit_model(X)
         self._seed = seed_from_random_state(self.random_state)
         self.engine_ = None  # set by the first gradient records
+        if self.output == "features":
+            # a feature map keeps nothing of X: fit's memory does not grow with n_samples
+            for a in ("_feats", "_feats_src", "fit_records_", "fit_diag_", "n_fit_"):
+                self.__dict__.pop(a, None)
+            return self
         Xt = self.model_.to_tensor(X)
         yt = self._labels(Xt, y)
         m = self._n_out()
@@ -440,6 +453,8 @@ class _GradientKernel(_BaseKernel):
         gradients) when the kernel would hold a NaN or an infinity.
         """
         check_is_fitted(self)
+        if self.output == "features":
+            return self._feature_rows(X)
         X = self._validate(X, reset=False)
         return self._format(self._transform_tensor(X))
 
@@ -455,11 +470,16 @@ class _GradientKernel(_BaseKernel):
         see ``labels``), so the result is a symmetric positive semi-definite Gram matrix.
         """
         self.fit(X, y)
+        if self.output == "features":
+            return self._feature_rows(X, y, where="fit_transform")
         return self._format(self._transform_tensor(None))
 
     def diagonal(self, X):
         """``K(x, x)`` for each sample (1 when ``normalize=True``), shape (n_samples,)."""
         check_is_fitted(self)
+        if self.output == "features":
+            F = self._feature_rows(X, where="diagonal")
+            return np.einsum("ij,ij->i", F, F)
         X = self._validate(X, reset=False)
         out = []
         for _, _, _, dx in self._checked_chunks(X, where="diagonal"):
@@ -471,20 +491,50 @@ class _GradientKernel(_BaseKernel):
         """Explicit features Phi(X) with ``Phi(X) Phi(X_fit)^T = K(X, X_fit)`` (projected only).
 
         Shape (n_samples, m * projection_dim): a linear model on these features is the kernel
-        machine at O(n k) cost, which scales where an n x n kernel matrix does not.
+        machine at O(n k) cost, which scales where an n x n kernel matrix does not.  What
+        ``transform`` returns with ``output="features"``.
         """
         check_is_fitted(self)
+        return self._feature_rows(X, where="feature_map")
+
+    def _feature_rows(self, X, y=None, where="transform"):
+        """Phi(X) as float64 (n, m * k), computed ``batch_size`` rows at a time straight into
+        the output: beyond the output, memory is one batch's gradients and features."""
+        name = type(self).__name__
         if self.projection_dim is None:
             raise ValueError("feature_map needs projection_dim to be set (the exact map is p-dimensional).")
         X = self._validate(X, reset=False)
         Xt = self.model_.to_tensor(X)
-        F = self._scale(self._features(Xt, self._labels(Xt, None))[0])
-        norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
-        self._check_rows(norms, Xt, 0, f"{type(self).__name__}.feature_map",
-                         what=f"the projected features (from {self._what()})")
-        if self.normalize:
-            F = F / torch.clamp(norms, min=math.sqrt(_EPS))[:, None, None]
-        return self._to_numpy(F.flatten(1))
+        n, m, k = Xt.shape[0], self._n_out(), int(self.projection_dim)
+        if y is not None:
+            y = np.asarray(y)
+            if y.shape[0] != n:
+                raise ValueError(f"{name}.{where}: y has {y.shape[0]} labels for {n} samples.")
+        check_memory(n * m * k * 8, f"{name}.{where}: features of {n} samples x {m} outputs x "
+                     f"projection_dim={k} (float64)",
+                     hint="Transform chunks of rows (e.g. for SGDClassifier.partial_fit), or "
+                     "lower projection_dim.")
+        out = np.empty((n, m * k), dtype=np.float64)
+        # one projector for every batch (its random rows are drawn once); with a memory, the
+        # rows go through the cache instead
+        proj = None if self.memory is not None else Projector(
+            self.projection, k, self._seed, device=self.model_.device_, dtype=self.model_.torch_dtype_)
+        chunks = self._chunks(n)
+        for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{name} features"):
+            xc = Xt[i0:i1]
+            yc = self._labels(xc, None if y is None else y[i0:i1])
+            if proj is None:
+                F = self._features(xc, yc)[0]
+            else:
+                F = featurize_batches([(0, i1 - i0, self._records(xc, yc))], proj, n=i1 - i0)
+            F = self._scale(F)
+            norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
+            self._check_rows(norms, xc, i0, f"{name}.{where}",
+                             what=f"the projected features (from {self._what()})")
+            if self.normalize:
+                F = F / torch.clamp(norms, min=math.sqrt(_EPS))[:, None, None]
+            out[i0:i1] = F.flatten(1).cpu().numpy()
+        return out
 
 
 class TraceNTK(_GradientKernel):
@@ -514,6 +564,15 @@ class TraceNTK(_GradientKernel):
     random_state : int, RandomState instance or None, default=0
         Seeds the projection.  The same value gives the same kernel for any batch size.
     verbose : int, default=0
+    output : {"kernel", "features"}, default="kernel"
+        "kernel": ``transform(X)`` is ``K(X, X_fit)``.  "features" (needs ``projection_dim``):
+        the estimator is the projected kernel's explicit feature map, as sklearn's ``Nystroem``
+        is an approximate one; ``fit`` keeps nothing of ``X`` and ``transform(X)`` is
+        ``Phi(X)`` of shape (n_samples, C * projection_dim), computed ``batch_size`` rows at a
+        time, with ``Phi(X) Phi(X')^T`` the projected kernel.  So
+        ``make_pipeline(TraceNTK(model, projection_dim=1024, output="features"),
+        SGDClassifier())`` is the kernel machine with memory linear in n_samples instead of an
+        n x n kernel matrix.
 
     Attributes
     ----------
@@ -543,6 +602,11 @@ class TraceNTK(_GradientKernel):
     (3, 10)
     >>> bool(abs(K[0, 0] - 1) < 1e-5)
     True
+    >>> fmap = TraceNTK(TorchModel(net), projection_dim=64, output="features").fit(X)
+    >>> Phi = fmap.transform(X)            # (10, 3 * 64): rows of the projected kernel
+    >>> Kp = TraceNTK(TorchModel(net), projection_dim=64).fit(X).transform(X)
+    >>> Phi.shape, bool(abs(Phi @ Phi.T - Kp).max() < 1e-5)
+    ((10, 192), True)
     """
 
     _output = "logits"
@@ -703,11 +767,12 @@ class GradCosKernel(TraceNTK):
         memory=None,
         random_state=0,
         verbose=0,
+        output="kernel",
     ):
         super().__init__(
             model, projection_dim=projection_dim, projection=projection, normalize=normalize,
             method=method, batch_size=batch_size, memory=memory, random_state=random_state,
-            verbose=verbose,
+            verbose=verbose, output=output,
         )
         self.labels = labels
 
@@ -764,6 +829,8 @@ class GradCosKernel(TraceNTK):
                 "GradCosKernel.transform takes y only with labels='given'; with "
                 f"labels={self.labels!r} every row is at the network's predicted label."
             )
+        if self.output == "features":
+            return self._feature_rows(X, y)
         X = self._validate(X, reset=False)
         return self._format(self._transform_tensor(X, y))
 
