@@ -108,7 +108,7 @@ class LossKernel(TransformerMixin, BaseEstimator):
         Variance of each point's loss over the draws (the covariance diagonal).
     mean_loss_ : ndarray of shape (n_fit,)
         Mean loss of each point over the draws.
-    loss_traces_ : ndarray of shape (n_chains, burn_in + n_draws * thin_)
+    loss_traces_ : ndarray of shape (n_chains, burn_in + n_draws * ``thin_``)
         Mini-batch loss at every SGLD step of every chain (NaN after a failure).
     draw_losses_ : ndarray of shape (n_chains, n_draws)
         Mean loss of the fitted points at every draw.
