@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._fingerprint import config_key, template_hash
 from ..ensemble import load_member, subset_indices, train_models
+from ..exceptions import SingleModelWarning
 from ..outputs import (  # noqa: F401 - re-exported: they were defined here before skattr.outputs
     CallableOutput,
     LogitOutput,
@@ -91,7 +93,8 @@ class TRAK(BaseAttributor):
         otherwise ``None`` or 1 attributes ``model`` itself and ``n_models > 1`` trains that many
         clones of ``model`` (``sklearn.base.clone(model).fit``) on random subsets of the training
         data.  Member ``j`` depends only on ``random_state`` and ``j``, so the first five models
-        of a 10-model ensemble are the 5-model ensemble.
+        of a 10-model ensemble are the 5-model ensemble.  One model that fits its training set
+        raises a :class:`~skattr.SingleModelWarning` (see Warns).
     models : list, default=None
         A given ensemble: fitted :class:`~skattr.TorchModel` objects, state dicts of
         ``model``'s network, ``(step, state_dict)`` checkpoints as recorded by
@@ -157,6 +160,21 @@ class TRAK(BaseAttributor):
         ``projection_dim``, or the number of parameters for exact TRAK.
     store_ : FeatureStore or None
     n_train_, n_features_in_, input_shape_, train_fingerprint_
+
+    Warns
+    -----
+    SingleModelWarning
+        In ``fit``, once, when TRAK attributes one model (``n_models`` None or 1, or one given
+        model) with a ``1 - p`` reweighting (``output="margin"`` or ``"logit"`` of a classifier)
+        and that model fits its training set: the median of ``1 - p(true class)`` over the
+        training set is below 0.01, i.e. more than half of the training examples are fitted
+        with ``p > 0.99``.  Their scores are then scaled by less than 1/100, so the ranking
+        follows the few unfitted examples more than the similarity to the target.  The message
+        gives the measured median and share and what to do: ``n_models >= 4``, or a method
+        built for one model (:class:`~skattr.estimators.TracIn` over its checkpoints,
+        :class:`~skattr.estimators.influence.InfluenceFunction`,
+        :class:`~skattr.estimators.HYDRA`).  Measured on digits in ``docs/trak.md``, section
+        "How many models".
 
     Examples
     --------
@@ -252,6 +270,30 @@ class TRAK(BaseAttributor):
 
     def _make_preconditioner(self, j):
         return RidgeGaussNewton(self.ridge, self._device, persist=self.store is not None)
+
+    # median of 1 - p(true class) over the training set below which one model "fits its training
+    # set" (more than half of the examples at p > 0.99): see the Warns section
+    _FITTED_MEDIAN_Q = 0.01
+
+    def _after_fit(self, X, y, y_enc):
+        if len(self.models_) != 1 or self.models_[0].task != "classification":
+            return
+        out = self.output_
+        if not (type(out) is MarginOutput or (type(out) is LogitOutput and out.cls is None)):
+            return  # no 1 - p reweighting (a probe, a fixed class, a callable)
+        q = np.asarray(self.q_, dtype=np.float64)
+        median, thr = float(np.median(q)), self._FITTED_MEDIAN_Q
+        if not median < thr:
+            return
+        warnings.warn(SingleModelWarning(
+            f"TRAK attributes one model, and it fits its training set: 1 - p(true class) is below "
+            f"{thr:g} for {np.mean(q < thr):.0%} of the {q.size} training examples (median "
+            f"{median:.1e}), so TRAK's 1 - p weights scale most scores by less than 1/100 and the "
+            "top proponents follow the few unfitted examples rather than the target.  Use an "
+            "ensemble, n_models>=4 (clones trained on random subsets; or models=[...] of "
+            "independently trained networks), or a method built for one model: TracIn over its "
+            "checkpoints, InfluenceFunction, HYDRA (docs/trak.md, 'How many models')."
+        ), stacklevel=3)
 
     def _reweighting(self):
         return self.q_models_.mean(0)

@@ -1,0 +1,15 @@
+"""Warnings raised by skattr (as :mod:`sklearn.exceptions` holds scikit-learn's)."""
+
+from __future__ import annotations
+
+__all__ = ["SingleModelWarning"]
+
+
+class SingleModelWarning(UserWarning):
+    """An attribution method that needs several models was fitted with one.
+
+    Raised by :class:`skattr.estimators.TRAK` when it attributes a single network that fits its
+    training set: TRAK's reweighting ``1 - p`` is then near zero for most training examples and
+    ranks the scores more than the similarity to the target does.  The message says what was
+    measured and what to use instead (``n_models``, or a method built for one model).
+    """
