@@ -534,3 +534,123 @@ def recall_at_fraction(scores, flipped_mask, fraction=0.1):
 
 
 __all__ += ["mislabel_detection_curve", "precision_at_fraction", "recall_at_fraction"]
+
+
+def retrain_without_suspects(model, X, y, scores, k, *, X_test, y_test, n_seeds=1, random_state=0,
+                             n_jobs=None, verbose=0):
+    """Test score and loss of the network retrained without its top-``k`` suspects vs ``k``
+    random examples.
+
+    For every count ``k`` and training seed: drop the ``k`` training examples with the highest
+    ``scores`` (ties in index order, as :func:`mislabel_detection_curve` inspects them), and as
+    a control ``k`` random examples, retrain a clone of ``model`` on the rest and evaluate it on
+    the test set.  A baseline retrains on the whole set.  Every condition with seed ``j`` trains
+    with the same ``random_state`` (initialisation and batch order), so the conditions differ
+    only in the examples removed.  Retraining runs through the shared harness
+    (:func:`skattr.ensemble.train_models`).
+
+    Parameters
+    ----------
+    model : TorchModel
+        Template: its training settings are reused, its fitted weights ignored.
+    X, y : training set the scores refer to.
+    scores : array-like of shape (n_train,)
+        Higher = more suspicious (self-influence, per-example loss, a mislabel score).
+    k : int or sequence of int
+        Numbers of examples removed, each in ``[1, n_train - 1]``.
+    X_test, y_test : held-out set the retrained networks are evaluated on.
+    n_seeds : int, default=1
+        Training seeds per condition (the same seeds for every condition).
+    random_state : int, RandomState instance or None, default=0
+        Sets the training seeds (``seed + j``) and the random controls.
+    n_jobs : int or None, default=None
+        Models retrained in parallel; the result does not depend on it.
+    verbose : int, default=0
+
+    Returns
+    -------
+    result : dict
+        ``"k"`` (n_k,); ``"seeds"`` (n_seeds,) training seeds; ``"removed"``: the top-``k``
+        indices for each ``k``; ``"removed_random"``: the random controls' indices for each
+        ``k``, (n_seeds, k) (nested: the first ``k`` of one permutation per seed);
+        ``"score_all"`` / ``"loss_all"`` (n_seeds,): the network
+        retrained on the whole set; ``"score_suspects"``, ``"loss_suspects"``,
+        ``"score_random"``, ``"loss_random"`` (n_k, n_seeds); ``"score_change_suspects"``,
+        ``"score_change_random"``, ``"loss_change_suspects"``, ``"loss_change_random"``
+        (n_k,): the mean over seeds of the change against the whole set.  The score is
+        ``model.score`` (accuracy, or R^2 for regression); the loss is the mean per-example
+        training loss (``TorchModel.per_example_loss``).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skattr import TorchModel
+    >>> from skattr.metrics import retrain_without_suspects
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(60, 2)).astype("float32")
+    >>> y = (X[:, 0] > 0).astype(int)
+    >>> y[:6] = 1 - y[:6]                       # six flipped labels
+    >>> model = TorchModel(torch.nn.Linear(2, 2), epochs=5, batch_size=20, random_state=0)
+    >>> suspects = np.r_[np.ones(6), np.zeros(54)]   # a perfect detector
+    >>> res = retrain_without_suspects(model, X, y, suspects, [6], X_test=X, y_test=(X[:, 0] > 0))
+    >>> res["score_suspects"].shape, res["removed"][0].tolist()
+    ((1, 1), [0, 1, 2, 3, 4, 5])
+    """
+    if not isinstance(model, TorchModel):
+        raise TypeError(f"model must be a TorchModel, got {type(model).__name__}.")
+    X = check_input(X)
+    n = X.shape[0]
+    y = np.asarray(y)
+    if y.shape[0] != n:
+        raise ValueError(f"X and y have inconsistent numbers of samples: {n} and {y.shape[0]}.")
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.shape[0] != n:
+        raise ValueError(f"scores has {s.shape[0]} entries but X has {n} training examples.")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or infinity.")
+    ks = np.atleast_1d(np.asarray(k))
+    if ks.ndim != 1 or ks.size == 0 or not all(isinstance(v, numbers.Integral) for v in ks.tolist()):
+        raise ValueError(f"k must be an integer or a non-empty sequence of integers, got {k!r}.")
+    ks = ks.astype(np.int64)
+    if np.any(ks < 1) or np.any(ks > n - 1):
+        raise ValueError(f"k must lie in [1, n_train - 1] = [1, {n - 1}], got {ks.tolist()}.")
+    if not isinstance(n_seeds, numbers.Integral) or n_seeds < 1:
+        raise ValueError(f"n_seeds must be a positive integer, got {n_seeds!r}.")
+    X_test = check_input(X_test)
+    y_test = np.asarray(y_test)
+    if y_test.shape[0] != X_test.shape[0]:
+        raise ValueError(f"X_test and y_test have inconsistent numbers of samples: "
+                         f"{X_test.shape[0]} and {y_test.shape[0]}.")
+    base = seed_from_random_state(random_state)
+    seeds = [(base + j) % (2**31) for j in range(int(n_seeds))]
+    order = np.argsort(-s, kind="stable")
+    removed = [np.sort(order[:kk]) for kk in ks]
+    perms = [np.random.default_rng(np.random.SeedSequence(base, spawn_key=(j,))).permutation(n)
+             for j in range(len(seeds))]
+    subsets, train_seeds = [], []
+    for perm, seed in zip(perms, seeds):
+        subsets.append(np.arange(n))
+        for kk in ks:
+            subsets.append(np.sort(order[kk:]))
+            subsets.append(np.sort(perm[kk:]))
+        train_seeds += [seed] * (1 + 2 * ks.size)
+    models = train_models(model, X, y, subsets, train_seeds, n_jobs=n_jobs, verbose=verbose,
+                          desc="retraining without suspects")
+
+    def evaluate(m):
+        return float(m.score(X_test, y_test)), float(np.mean(m.per_example_loss(X_test, y_test)))
+
+    per = np.array([evaluate(m) for m in models]).reshape(len(seeds), 1 + 2 * ks.size, 2)
+    res = {"k": ks, "seeds": np.asarray(seeds), "removed": removed,
+           "removed_random": [np.sort(np.stack([p[:kk] for p in perms]), 1) for kk in ks]}
+    for c, what in enumerate(("score", "loss")):
+        whole = per[:, 0, c]
+        sus = per[:, 1::2, c].T
+        rnd = per[:, 2::2, c].T
+        res[f"{what}_all"], res[f"{what}_suspects"], res[f"{what}_random"] = whole, sus, rnd
+        res[f"{what}_change_suspects"] = (sus - whole).mean(1)
+        res[f"{what}_change_random"] = (rnd - whole).mean(1)
+    return res
+
+
+__all__ += ["retrain_without_suspects"]

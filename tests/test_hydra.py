@@ -446,3 +446,76 @@ def test_cnn_equals_unrolled_autograd(hessian):
         Xq, yq = X[:4] + 0.1, y[:4]
         lean = HYDRA(TorchModel(_cnn(), **kw), mode="lean").fit(X, y, X_target=Xq, y_target=yq)
         np.testing.assert_allclose(lean.attribute(None), h.attribute(Xq, yq), rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------ retrain without suspects
+def _flipped_line():
+    """1-D two-class data separable at 0 (gap (-0.1, 0.1)); every third class-0 point is
+    flipped to class 1, which drags a linear boundary to the left: without the flipped points
+    the data are separable again and every test point (|x| >= 0.2) is classified right."""
+    x0, x1 = np.linspace(-2, -0.1, 40), np.linspace(0.1, 2, 40)
+    X = np.r_[x0, x1][:, None].astype("float32")
+    y = np.r_[np.zeros(40, int), np.ones(40, int)]
+    flipped = np.zeros(80, bool)
+    flipped[:40:3] = True
+    y[flipped] = 1
+    Xt = np.r_[np.linspace(-2, -0.2, 50), np.linspace(0.2, 2, 50)][:, None].astype("float32")
+    return X, y, flipped, Xt, (Xt[:, 0] > 0).astype(int)
+
+
+def test_retrain_without_suspects_against_explicit_retraining():
+    from skattr.metrics import retrain_without_suspects
+
+    X, y, flipped, Xt, yt = _flipped_line()
+    model = TorchModel(nn.Linear(1, 2), epochs=30, batch_size=80, lr=1.0, momentum=0.9,
+                       random_state=0)
+    q = int(flipped.sum())  # 14
+    scores = flipped + 0.01 * np.arange(80)  # flipped first, then the rest by index
+    res = retrain_without_suspects(model, X, y, scores, [q, 20], X_test=Xt, y_test=yt,
+                                   n_seeds=2, random_state=3)
+    np.testing.assert_array_equal(res["k"], [q, 20])
+    np.testing.assert_array_equal(res["seeds"], [3, 4])
+    np.testing.assert_array_equal(res["removed"][0], np.flatnonzero(flipped))
+    np.testing.assert_array_equal(res["removed"][1], np.sort(np.argsort(-scores)[:20]))
+    for c, kk in enumerate((q, 20)):  # the random controls: k distinct points, nested in k
+        r = res["removed_random"][c]
+        assert r.shape == (2, kk) and all(len(set(row)) == kk for row in r)
+    assert set(res["removed_random"][0][0]) <= set(res["removed_random"][1][0])
+
+    def explicit(keep, seed):  # an independent retrain: clone, seed, fit, evaluate
+        m = clone(model).set_params(random_state=seed).fit(X[keep], y[keep])
+        with torch.no_grad():
+            z = m.module_(torch.as_tensor(Xt))
+        loss = torch.nn.functional.cross_entropy(z, torch.as_tensor(yt)).item()
+        return float((z.argmax(1).numpy() == yt).mean()), loss
+
+    for j, seed in enumerate((3, 4)):
+        keep_sets = {"all": np.arange(80)}
+        for c in range(2):
+            keep_sets[("suspects", c)] = np.setdiff1d(np.arange(80), res["removed"][c])
+            keep_sets[("random", c)] = np.setdiff1d(np.arange(80), res["removed_random"][c][j])
+        for key, keep in keep_sets.items():
+            acc, loss = explicit(keep, seed)
+            what = "all" if key == "all" else key[0]
+            got_acc = res[f"score_{what}"][j] if key == "all" else res[f"score_{what}"][key[1], j]
+            got_loss = res[f"loss_{what}"][j] if key == "all" else res[f"loss_{what}"][key[1], j]
+            assert got_acc == acc
+            assert got_loss == pytest.approx(loss, rel=1e-5)
+    # the constructed property: removing exactly the flipped labels restores a perfect
+    # classifier; the noisy set and removing as many random points do not
+    np.testing.assert_array_equal(res["score_suspects"][0], [1.0, 1.0])
+    assert np.all(res["score_all"] < 1.0) and np.all(res["score_random"][0] < 1.0)
+    assert res["score_change_suspects"][0] > res["score_change_random"][0] > -1
+    assert res["score_change_suspects"][0] == pytest.approx(np.mean(1.0 - res["score_all"]))
+    assert np.all(res["loss_suspects"][0] < res["loss_all"])
+    # bad input
+    with pytest.raises(ValueError, match="scores has 79 entries"):
+        retrain_without_suspects(model, X, y, scores[1:], q, X_test=Xt, y_test=yt)
+    with pytest.raises(ValueError, match="NaN"):
+        retrain_without_suspects(model, X, y, np.r_[scores[1:], np.nan], q, X_test=Xt, y_test=yt)
+    with pytest.raises(ValueError, match=r"k must lie in \[1, n_train - 1\]"):
+        retrain_without_suspects(model, X, y, scores, [0, 5], X_test=Xt, y_test=yt)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        retrain_without_suspects(model, X, y, scores, 0.1, X_test=Xt, y_test=yt)
+    with pytest.raises(TypeError, match="TorchModel"):
+        retrain_without_suspects(nn.Linear(1, 2), X, y, scores, q, X_test=Xt, y_test=yt)
