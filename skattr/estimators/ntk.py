@@ -264,6 +264,8 @@ class _GradientKernel(_BaseKernel):
             # a feature map keeps nothing of X: fit's memory does not grow with n_samples
             for a in ("_feats", "_feats_src", "fit_records_", "fit_diag_", "n_fit_"):
                 self.__dict__.pop(a, None)
+            x1 = self.model_.to_tensor(X[:1])
+            self._records(x1, self._labels(x1, None))  # sets engine_ (transform changes no state)
             return self
         Xt = self.model_.to_tensor(X)
         yt = self._labels(Xt, y)
