@@ -27,6 +27,8 @@ from torch.nn.parameter import is_lazy
 
 from .featurize import progress
 from .model import TorchModel
+from .parallel import BlockError, n_workers
+from .store import writer_id
 
 __all__ = ["train_models", "load_member", "check_members", "member_seed", "subset_indices"]
 
@@ -71,6 +73,14 @@ def _train_one(template, X, y, idx, seed, path):
     return est
 
 
+def _train_job(j, *args):
+    try:
+        return _train_one(*args)
+    except Exception as exc:  # noqa: BLE001 - re-raised naming the model and the worker
+        raise BlockError(f"Training model {j} failed on worker {writer_id()}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
 def train_models(template, X, y, subsets, seeds, *, paths=None, n_jobs=None, verbose=0,
                  desc="training models"):
     """Train ``clone(template)`` on each subset with its seed; returns the fitted models.
@@ -87,15 +97,17 @@ def train_models(template, X, y, subsets, seeds, *, paths=None, n_jobs=None, ver
     paths : list of path or None, default=None
         Cache file of each model (``joblib``): loaded when present, written when trained.
     n_jobs : int or None, default=None
-        Models trained in parallel by ``joblib.Parallel`` (None: one at a time, in this
-        process).  The result does not depend on it.
+        Models trained in parallel by ``joblib.Parallel`` (``None``: the active
+        ``joblib.parallel_config``'s workers, one at a time in this process by default; under
+        ``parallel_config(backend="dask")`` on the Dask cluster).  Each worker receives only
+        its model's rows.  The result does not depend on it.
     """
     M = len(subsets)
     paths = [None] * M if paths is None else list(paths)
     for p in paths:
         if p is not None:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
-    if n_jobs in (None, 1):
+    if n_workers(n_jobs) == 1:
         return [
             _train_one(template, X, y, subsets[j], seeds[j], paths[j])
             for j in progress(range(M), M, verbose, desc)
@@ -104,7 +116,7 @@ def train_models(template, X, y, subsets, seeds, *, paths=None, n_jobs=None, ver
     models = [_load_cached(p) for p in paths]
     todo = [j for j in range(M) if models[j] is None]
     fitted = joblib.Parallel(n_jobs=n_jobs, verbose=10 if verbose > 1 else 0)(
-        joblib.delayed(_train_one)(template, X[subsets[j]], y[subsets[j]],
+        joblib.delayed(_train_job)(j, template, X[subsets[j]], y[subsets[j]],
                                    np.arange(len(subsets[j])), seeds[j], paths[j])
         for j in todo
     )

@@ -114,6 +114,17 @@ class Featurizer:
         self.net = output.network(model.network())
         self.info = {}  # the gradient engine's report of the last batch
 
+    # a featurizer sent to a worker (joblib, Dask) uses that process's projector cache
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["cache"] = None if self.cache is PROJECTORS else self.cache
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.cache is None:
+            self.cache = PROJECTORS
+
     def records(self, xb, yb, outputs=None):
         """Gradient records of the output for one batch (``outputs`` receives the logits;
         :attr:`info` which engine ran and why)."""

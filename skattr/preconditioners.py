@@ -122,6 +122,9 @@ class RidgeGaussNewton(Preconditioner):
     device : torch device
     persist : bool, default=False
         Save the system matrix in the feature store (``features.save_array``) and reuse it.
+    n_jobs : int or None, default=None
+        joblib workers for ``Phi^T Phi`` over the blocks of an on-disk store (the same sum
+        whatever ``n_jobs``: :func:`skattr.parallel.block_gram`).
 
     Attributes
     ----------
@@ -132,10 +135,11 @@ class RidgeGaussNewton(Preconditioner):
     solver_ : {"primal", "dual"}
     """
 
-    def __init__(self, ridge=1.0, device="cpu", persist=False):
+    def __init__(self, ridge=1.0, device="cpu", persist=False, n_jobs=None):
         super().__init__(device)
         self.ridge = float(ridge)
         self.persist = persist
+        self.n_jobs = n_jobs
 
     @classmethod
     def from_factor(cls, cholesky, lam, solver, ridge, n, k, device="cpu"):
@@ -168,11 +172,10 @@ class RidgeGaussNewton(Preconditioner):
         wide = self.product_dtype(features)
         blocks = list(st.iter_blocks(m))
         acc = wide if len(blocks) == 1 else torch.float64
-        if self.solver_ == "primal":
-            U = None
-            for _, _, F, _ in blocks:
-                Ub = upper_gram(as_tensor(F, self.device, wide).T, acc)  # Phi_b^T Phi_b
-                U = Ub if U is None else U.add_(Ub)
+        if self.solver_ == "primal":  # sum_b Phi_b^T Phi_b, one block per joblib job
+            from .parallel import block_gram
+
+            U = block_gram(st, m, wide, acc, self.device, getattr(self, "n_jobs", None))
         else:
             check_memory(n * n * torch.finfo(acc).bits // 8, f"The {n} x {n} dual Gram matrix")
             U = torch.empty(n, n, dtype=acc, device=self.device)

@@ -36,6 +36,7 @@ from ..ensemble import check_members
 from ..featurize import Featurizer, encode_targets, progress, projection_seed
 from ..model import TorchModel
 from ..outputs import make_output
+from ..parallel import featurize_blocks, score_blocks
 from ..preconditioners import Identity, as_tensor
 from ..projection import KINDS
 from ..store import FeatureStore, MemoryStore
@@ -252,13 +253,11 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
                 self.store, config, n_rows=n, dim=k, n_models=M, block_size=bsz, dtype=dtype.name,
             )
         todo = store.missing()
-        feats = {0: self._featurizer(0)}
-        self._report_engine(feats[0], X, y_enc[0])
-        for m, b in progress(todo, len(todo), self.verbose, f"{name}: featurising {len(todo)} block(s)"):
-            fz = feats.get(m) or feats.setdefault(m, self._featurizer(m))
-            r0, r1 = store.block_range(b)
-            F, q = fz.rows(X, y_enc[m], r0, r1, out=store.rows(m, b), dim=k)
-            store.write(m, b, F, q)
+        self._report_engine(self._featurizer(0), X, y_enc[0])
+        # blocks through joblib (n_jobs, parallel_config): in this process with one worker
+        featurize_blocks(self._featurizer, X, y_enc, store, todo, dim=k,
+                         n_jobs=getattr(self, "n_jobs", None), verbose=self.verbose,
+                         desc=f"{name}: featurising {len(todo)} block(s)")
         self.store_ = store if self.store is not None else None
         self._features = store
         self.preconditioners_ = [self._make_preconditioner(j).fit(store, j) for j in range(M)]
@@ -296,7 +295,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         G = raw if raw is not None else as_tensor(self._raw_rows(j, X, y_enc), self._device, torch.float64)
         return self.preconditioners_[j].apply(G, self._features, j).to(torch.float64)
 
-    def attribute(self, X, y=None):
+    def attribute(self, X, y=None, *, out=None):
         """Scores of every training example for each sample of ``X``.
 
         Parameters
@@ -304,15 +303,30 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         X : array-like or tensor of shape (n_samples, ...)
         y : array-like of shape (n_samples,), default=None
             Labels defining the output on each sample; ``None`` uses the models' predictions.
+        out : str, path-like or None, default=None
+            A folder: the scores are written there block by block of ``block_size`` training
+            examples (a :class:`skattr.store.ScoreStore`, returned instead of an array), so a
+            matrix larger than memory is never held; blocks run through joblib (``n_jobs``)
+            and a re-run with the same folder skips finished blocks.
 
         Returns
         -------
-        scores : ndarray of shape (n_samples, n_train)
+        scores : ndarray of shape (n_samples, n_train), or ScoreStore with ``out``
             ``scores[j, i]``: the estimated effect of training example ``i`` on the output
             for ``X[j]`` (positive: it helped).
         """
         X = self._check_X(X)
         y_enc = self._labels(self.models_, X, self._check_y(y))
+        if out is not None:
+            from ..store import ScoreStore
+
+            meta = {"attributor": self.train_fingerprint_, "store": str(getattr(self.store_, "path", None)),
+                    "targets": data_hash(X, y), "weights": self.weights_.tolist()}
+            st = ScoreStore(out, n_targets=X.shape[0], n_train=self.n_train_,
+                            block_size=self._features.block_size, meta=meta)
+            targets, scale = self._scoring_targets(X, y_enc)
+            return score_blocks(targets, self._features, scale, out=st,
+                                n_jobs=getattr(self, "n_jobs", None), verbose=self.verbose)
         t, n, M = X.shape[0], self.n_train_, len(self.models_)
         S = torch.empty(t, n, dtype=torch.float64, device=self._device)
         w = self.weights_
@@ -329,6 +343,25 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             scale = self.q_ * (w[0] if equal else 1.0)
         S *= torch.from_numpy(scale).to(S.device)[None, :]
         return S.cpu().numpy()
+
+    def _scoring_targets(self, X, y_enc):
+        """``[(m, phi_m(X) M_m w_m)]`` in the products' precision and the per-column scale, as
+        :meth:`attribute` combines them (for blockwise scoring)."""
+        M, w = len(self.models_), self.weights_
+        equal = bool(np.all(w == w[0]))
+        targets = []
+        for m in range(M):
+            P = self.preconditioners_[m]
+            G = as_tensor(self._target_rows(m, X, y_enc[m]), self._device, P.product_dtype(self._features))
+            if not equal:
+                G = G * float(w[m])
+            if getattr(P, "solver_", "primal") == "dual":
+                T = P.apply(G, self._features, m)  # push-through: (t, k), float64
+            else:
+                T = P.apply(G).to(P.product_dtype(self._features))
+            targets.append((m, T))
+        scale = self.q_ / M if equal and w[0] == 1.0 / M else self.q_ * (w[0] if equal else 1.0)
+        return targets, np.asarray(scale, dtype=np.float64)
 
     def transform(self, X):
         """Attribute the models' own predictions on ``X``: ``attribute(X, y=None)``."""
@@ -360,14 +393,20 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         TopK
             ``proponents`` / ``opponents``: indices into the training set, (n_samples, k),
             strongest first; ``proponent_scores`` / ``opponent_scores``: their scores.
+
+        The scores are streamed block by block of training examples (``n_jobs`` workers), so
+        the ``(n_samples, n_train)`` matrix is never held.
         """
-        S = self.attribute(X, y)
-        k = int(k)
-        if not 1 <= k <= S.shape[1]:
-            raise ValueError(f"k must lie in [1, n_train={S.shape[1]}], got {k}.")
-        pro = np.argsort(-S, axis=1, kind="stable")[:, :k]
-        opp = np.argsort(S, axis=1, kind="stable")[:, :k]
-        return TopK(pro, np.take_along_axis(S, pro, 1), opp, np.take_along_axis(S, opp, 1))
+        if getattr(self, "_features", None) is None:  # scores without features (TracIn records)
+            from ..store import top_k_blocks
+
+            S = self.attribute(X, y)
+            return top_k_blocks([(0, S)], S.shape[0], S.shape[1], k)
+        X = self._check_X(X)
+        y_enc = self._labels(self.models_, X, self._check_y(y))
+        targets, scale = self._scoring_targets(X, y_enc)
+        return score_blocks(targets, self._features, scale, top_k=k,
+                            n_jobs=getattr(self, "n_jobs", None), verbose=self.verbose)
 
     # ------------------------------------------------------------------ the attribution's kernel
     def kernel(self, X, Y=None):

@@ -63,6 +63,11 @@ class TracIn(BaseAttributor):
     store, block_size, method, batch_size, random_state, verbose
         As for :class:`~skattr.estimators.TRAK`: an on-disk feature store (resumable), store
         block size, gradient engine, gradient batch size, the projection's seed, progress bars.
+    n_jobs : int or None, default=None
+        joblib workers featurising (checkpoint, block of ``block_size`` examples) pairs and
+        scoring blocks, as for :class:`~skattr.estimators.TRAK` (with ``projection_dim`` or
+        ``store``; exact scores from layer factors run in this process).  The results do not
+        depend on it.
 
     Attributes
     ----------
@@ -106,6 +111,7 @@ class TracIn(BaseAttributor):
         "checkpoints": [list, tuple, TrajectoryRecorder, StrOptions({"train"}), None],
         "last_layer": ["boolean"],
         "output": [StrOptions({"loss", "margin", "logit"}), numbers.Integral, callable],
+        "n_jobs": [numbers.Integral, None],
     }
     _models_param = ("checkpoints",)
     _fit_needs_y = True
@@ -124,6 +130,7 @@ class TracIn(BaseAttributor):
         method="auto",
         batch_size=None,
         random_state=0,
+        n_jobs=None,
         verbose=0,
     ):
         self.model = model
@@ -137,6 +144,7 @@ class TracIn(BaseAttributor):
         self.method = method
         self.batch_size = batch_size
         self.random_state = random_state
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     def _member_names(self):

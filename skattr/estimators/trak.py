@@ -128,8 +128,14 @@ class TRAK(BaseAttributor):
     random_state : int, RandomState instance or None, default=0
         Seeds the projection, the subsets and the members' training.
     n_jobs : int or None, default=None
-        Ensemble members trained in parallel (``joblib``; :func:`skattr.ensemble.train_models`);
-        the members do not depend on it.
+        joblib workers for the independent work: training ensemble members
+        (:func:`skattr.ensemble.train_models`), featurising blocks of ``block_size`` training
+        examples (each worker gets its shard and, with ``store``, writes its blocks into the
+        store itself), the store's ``Phi^T Phi`` block by block, and scoring blocks
+        (``attribute(X, out=...)``, ``top_k``).  ``None`` takes the active
+        ``joblib.parallel_config`` (one worker by default; under
+        ``parallel_config(backend="dask")`` the Dask cluster's).  The results do not depend on
+        it (:mod:`skattr.parallel`).
     verbose : int, default=0
         Progress bars when > 0.
 
@@ -269,7 +275,7 @@ class TRAK(BaseAttributor):
         return members, masks
 
     def _make_preconditioner(self, j):
-        return RidgeGaussNewton(self.ridge, self._device, persist=self.store is not None)
+        return RidgeGaussNewton(self.ridge, self._device, persist=self.store is not None, n_jobs=self.n_jobs)
 
     # median of 1 - p(true class) over the training set below which one model "fits its training
     # set" (more than half of the examples at p > 0.99): see the Warns section

@@ -1,0 +1,317 @@
+"""Independent work over blocks through joblib: featurisation, Gram matrices, scores.
+
+Every loop here runs through ``joblib.Parallel``, so ``n_jobs`` spreads it over local processes
+and ``with joblib.parallel_config(backend="dask"):`` (with a ``dask.distributed.Client``) over a
+cluster.  Each job handles one block of training examples and depends only on that block's rows
+and the model's seed -- never on which worker runs it or on how many there are:
+
+* :func:`featurize_blocks` -- a worker receives its shard of ``X`` (not all of it), featurises
+  it and writes the block straight into the on-disk :class:`~skattr.store.FeatureStore` (a
+  completion marker per block; finished blocks survive a dead worker and are never recomputed);
+  into an in-memory store the block is sent back;
+* :func:`block_gram` -- ``Phi^T Phi`` summed over blocks, one block per job (each worker holds
+  only its block), the per-block products added in block order;
+* :func:`score_blocks` -- the ``(n_targets, n_train)`` scores of an attributor, one column block
+  per job, written to a :class:`~skattr.store.ScoreStore` or merged into a streamed top-k.
+
+A job that raises is reported as a :class:`BlockError` naming the block, its rows and the worker
+(``host:pid``); a worker that dies is reported with the number of blocks kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed, effective_n_jobs
+
+from .store import ScoreStore, top_k_blocks, writer_id
+
+__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks"]
+
+
+class BlockError(RuntimeError):
+    """A block's job failed: the message names the block, its rows and the worker."""
+
+
+def n_workers(n_jobs):
+    """Workers joblib would use for ``n_jobs`` under the active ``parallel_config`` (1: run in
+    this process, no pickling)."""
+    return max(1, int(effective_n_jobs(n_jobs)))
+
+
+def _shard(a, r0, r1):
+    """Rows ``r0:r1`` of an array or tensor, as a copy (a pickled view would carry all rows)."""
+    if a is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return a[r0:r1].clone()
+    return np.array(a[r0:r1])
+
+
+def _run(jobs, n_jobs, verbose, total, desc):
+    """``Parallel(return_as="generator_unordered")`` over ``jobs``, with a progress bar."""
+    from .featurize import progress
+
+    it = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
+                  verbose=10 if verbose > 1 else 0)(jobs)
+    return progress(it, total, verbose, desc)
+
+
+def _stopped(exc, store, what):
+    """The error raised when a worker died (or the backend failed) mid-run."""
+    kept = ""
+    if getattr(store, "path", None) is not None:
+        left = len(store.missing(verify=False))
+        kept = (f"; {store.n_blocks * getattr(store, 'n_models', 1) - left} finished block(s) are "
+                f"kept in {store.path} and {left} remain: run it again to resume")
+    return RuntimeError(f"{what} stopped: a worker failed ({type(exc).__name__}: {exc}){kept}.")
+
+
+# ---------------------------------------------------------------------------- featurisation
+def _featurize_block(fz, Xs, ys, m, b, r0, r1, dim, store):
+    try:
+        F, q = fz.rows(Xs, ys, 0, r1 - r0, dim=dim)
+        if store is None:
+            return m, b, F, q
+        store.write(m, b, F, q)
+        return m, b, None, None
+    except Exception as exc:  # noqa: BLE001 - re-raised with the block and worker named
+        raise BlockError(
+            f"Featurising block {b} of model {m} (rows {r0}:{r1}) failed on worker "
+            f"{writer_id()}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def featurize_blocks(featurizer, X, y_enc, store, todo, *, dim, n_jobs=None, verbose=0,
+                     desc="featurising"):
+    """Featurise blocks ``todo`` (``[(model, block), ...]``) of ``X`` into ``store``.
+
+    Parameters
+    ----------
+    featurizer : callable
+        ``featurizer(m)`` -> the :class:`~skattr.featurize.Featurizer` of model ``m``.
+    X : array or tensor (n, ...)
+    y_enc : list of tensors or None
+        Encoded targets of all of ``X`` per model.
+    store : FeatureStore or MemoryStore
+    todo : list of (int, int)
+    dim : int
+        Feature dimension.
+    n_jobs : int or None
+        joblib workers (``None``: the active ``parallel_config``'s, one by default).  With one
+        worker the blocks run in this process, in order.  The features do not depend on it.
+    """
+    fzs = {}
+
+    def fz(m):
+        return fzs.get(m) or fzs.setdefault(m, featurizer(m))
+
+    if n_workers(n_jobs) == 1:
+        for m, b in _progress(todo, verbose, desc):
+            r0, r1 = store.block_range(b)
+            F, q = fz(m).rows(X, y_enc[m], r0, r1, out=store.rows(m, b), dim=dim)
+            store.write(m, b, F, q)
+        return store
+    on_disk = getattr(store, "path", None) is not None
+    if on_disk:
+        store.cleanup(0.0)  # leftovers of interrupted runs, before any worker writes
+    jobs = []
+    for m, b in todo:
+        r0, r1 = store.block_range(b)
+        jobs.append(delayed(_featurize_block)(
+            fz(m), _shard(X, r0, r1), None if y_enc[m] is None else _shard(y_enc[m], r0, r1),
+            m, b, r0, r1, dim, store if on_disk else None))
+    try:
+        for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc):
+            if not on_disk:
+                store.write(m, b, F, q)
+    except BlockError as exc:
+        if on_disk:
+            left = len(store.missing(verify=False))
+            raise BlockError(f"{exc} ({left} block(s) remain; the finished ones are kept in "
+                             f"{store.path}: fit again to resume)") from exc
+        raise
+    except Exception as exc:
+        raise _stopped(exc, store, "Featurisation") from exc
+    if on_disk:
+        store._scan()
+    return store
+
+
+def _progress(items, verbose, desc):
+    from .featurize import progress
+
+    return progress(items, len(items), verbose, desc)
+
+
+# ---------------------------------------------------------------------------- Gram
+def _block_gram(features, m, b, dtype, acc, device):
+    from ._linalg import upper_gram
+    from .preconditioners import as_tensor
+
+    try:
+        F, _ = features.read(m, b)
+        return b, upper_gram(as_tensor(F, device, dtype).T, acc).cpu()
+    except Exception as exc:  # noqa: BLE001
+        raise BlockError(f"The Gram product of block {b} of model {m} failed on worker "
+                         f"{writer_id()}: {type(exc).__name__}: {exc}") from exc
+
+
+def block_gram(features, m, dtype, acc, device="cpu", n_jobs=None):
+    """Upper triangle of ``Phi_m^T Phi_m`` (k, k) in ``acc``: per-block products in ``dtype``
+    (each job reads only its block), added in block order whatever ``n_jobs``."""
+    nb = features.n_blocks if hasattr(features, "path") else 1
+    if nb == 1 or n_workers(n_jobs) == 1 or not hasattr(features, "path"):
+        from ._linalg import upper_gram
+        from .preconditioners import as_tensor
+
+        U = None
+        for _, _, F, _ in features.iter_blocks(m):
+            Ub = upper_gram(as_tensor(F, device, dtype).T, acc)
+            U = Ub if U is None else U.add_(Ub)
+        return U
+    parts = {}
+    try:
+        for b, Ub in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+            delayed(_block_gram)(features, m, b, dtype, acc, "cpu") for b in range(nb)
+        ):
+            parts[b] = Ub
+    except BlockError:
+        raise
+    except Exception as exc:
+        raise _stopped(exc, None, "The Gram matrix") from exc
+    U = parts.pop(0).to(device)
+    for b in range(1, nb):  # block order: the same sum as one process
+        U.add_(parts.pop(b).to(device))
+    return U
+
+
+# ---------------------------------------------------------------------------- scores
+def _columns(features, m, b):
+    """Model ``m``'s features of block ``b`` (a memory map of an on-disk block)."""
+    if getattr(features, "path", None) is not None:
+        return features.read(m, b)[0]
+    r0, r1 = features.block_range(b)
+    return features.F[m][r0:r1]
+
+
+def _score_block(targets, blocks, scale, chunk):
+    """``sum_m T_m F_m^T * scale`` for one column block (``blocks[m]``: its rows of model
+    ``m``'s features), with the arithmetic of
+    :meth:`skattr.preconditioners.Preconditioner.scores`: column chunks of the block, products
+    in ``T``'s precision, accumulated in float64."""
+    from .preconditioners import as_tensor
+
+    S = None
+    for m, T in targets:
+        Fb = as_tensor(blocks[m], T.device, T.dtype)
+        first = S is None
+        if first:
+            S = torch.empty(T.shape[0], Fb.shape[0], dtype=torch.float64, device=T.device)
+        for c0 in range(0, Fb.shape[0], chunk):
+            c1 = min(Fb.shape[0], c0 + chunk)
+            prod = T @ Fb[c0:c1].T
+            if first:
+                S[:, c0:c1].copy_(prod)
+            else:
+                S[:, c0:c1].add_(prod)
+    S *= torch.from_numpy(np.ascontiguousarray(scale)).to(S.device)[None, :]
+    return S.cpu().numpy()
+
+
+def _score_job(targets, features, b, blocks, scale, chunk, out):
+    """One column block in a worker: read from the on-disk ``features`` (or given ``blocks``),
+    scored, written to ``out`` (or returned)."""
+    try:
+        if blocks is None:
+            blocks = {m: _columns(features, m, b) for m, _ in targets}
+        S = _score_block(targets, blocks, scale, chunk)
+        if out is None:
+            return b, S
+        out.write(b, S)
+        return b, None
+    except Exception as exc:  # noqa: BLE001
+        raise BlockError(f"Scoring training block {b} failed on worker {writer_id()}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _score_jobs(targets, features, blist, scale, chunk, out):
+    on_disk = getattr(features, "path", None) is not None
+    for b in blist:
+        r0, r1 = features.block_range(b)
+        # a worker gets only its block: the store to read it from, or the block's rows
+        blocks = None if on_disk else {m: np.array(_columns(features, m, b)) for m, _ in targets}
+        yield delayed(_score_job)(targets, features if on_disk else None, b, blocks,
+                                  scale[r0:r1], chunk, out)
+
+
+def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None, verbose=0,
+                 chunk=1024):
+    """Scores ``sum_m T_m Phi_m^T * scale`` block by block, never the whole matrix at once.
+
+    Parameters
+    ----------
+    targets : list of (int, tensor)
+        ``(model, T_m)``: the preconditioned (and weighted) target features of each model, in
+        the precision of the products.
+    features : FeatureStore or MemoryStore
+        Its blocks of training examples are the column blocks.
+    scale : ndarray (n_train,)
+        Per-column factor (the reweighting ``Q`` and the mean over models).
+    out : ScoreStore, optional
+        Write the blocks there (each worker writes its own; finished blocks of a re-opened
+        store are skipped).
+    top_k : int, optional
+        Instead, stream the blocks into the top-k proponents and opponents
+        (:class:`~skattr.estimators.base.TopK`).
+    n_jobs : int or None
+        joblib workers, one column block per job; the scores do not depend on it.
+    """
+    nb, n = features.n_blocks, features.n_rows
+    t = targets[0][1].shape[0]
+    serial = n_workers(n_jobs) == 1
+
+    def local(b):
+        r0, r1 = features.block_range(b)
+        return _score_block(targets, {m: _columns(features, m, b) for m, _ in targets},
+                            scale[r0:r1], chunk)
+
+    if top_k is not None:
+        k = int(top_k)
+        if not 1 <= k <= n:
+            raise ValueError(f"k must lie in [1, n_train={n}], got {k}.")
+        if serial:
+            blocks = ((features.block_range(b)[0], local(b)) for b in range(nb))
+        else:  # blocks arrive in any order; the merge does not depend on it (ties by index)
+            blocks = ((features.block_range(b)[0], S) for b, S in _run(
+                _score_jobs(targets, features, range(nb), scale, chunk, None),
+                n_jobs, verbose, nb, "scoring"))
+        try:
+            return top_k_blocks(blocks, t, n, k)
+        except BlockError:
+            raise
+        except Exception as exc:
+            if serial:
+                raise
+            raise _stopped(exc, None, "Scoring") from exc
+    if not isinstance(out, ScoreStore):
+        raise TypeError(f"out must be a ScoreStore, got {type(out).__name__}.")
+    if (out.shape, out.block_size) != ((t, n), features.block_size):
+        raise ValueError(f"The score store {out.path} has shape {out.shape} and block size "
+                         f"{out.block_size}, not {(t, n)} and {features.block_size}.")
+    todo = [b for _, b in out.missing()]
+    if serial:
+        for b in _progress(todo, verbose, "scoring"):
+            out.write(b, local(b))
+        return out
+    out.cleanup(0.0)
+    try:
+        for _ in _run(_score_jobs(targets, features, todo, scale, chunk, out), n_jobs, verbose,
+                      len(todo), "scoring"):
+            pass
+    except BlockError:
+        raise
+    except Exception as exc:
+        raise _stopped(exc, out, "Scoring") from exc
+    out._scan()
+    return out
