@@ -61,27 +61,38 @@ def _files(path):
     return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
 
 
-def evaluate(name, est, ret, Xtr, ytr, Xte, yte, k=5):
-    """Fit ``est``, and measure its top-k proponents and LDS; return a row and the warning."""
+def margin_without_weights(z, y):
+    """The classification margin ``log(p_y / (1 - p_y))`` as a callable output: TRAK then uses
+    ``Q = 1`` (no ``1 - p`` weights), with the same features as ``output="margin"``."""
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return z.gather(1, y[:, None])[:, 0] - torch.logsumexp(others, dim=1)
+
+
+def top_k_stats(S, ytr, yte, k=5):
+    top = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return top, float(np.mean(ytr[top] == yte[:, None]))
+
+
+def evaluate(name, est, ret, Xtr, ytr, Xte, yte, k=5, twin=None):
+    """Fit ``est``, and measure its top-k proponents and LDS; return a row and the warning.
+    ``twin``: the same TRAK without the 1 - p weights."""
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         est.fit(Xtr, ytr)
     single = [w for w in rec if issubclass(w.category, SingleModelWarning)]
     S = est.attribute(Xte, yte)
-    top = np.argsort(-S, axis=1, kind="stable")[:, :k]
-    row = {"method": name, "same_label": float(np.mean(ytr[top] == yte[:, None])),
-           "lds": float(ret.score(S, Xte, yte)), "warned": len(single),
-           "seconds": time.perf_counter() - t}
-    q = getattr(est, "q_", None)
-    if q is not None and not np.all(q == 1.0):
+    top, same = top_k_stats(S, ytr, yte, k)
+    row = {"method": name, "same_label": same, "lds": float(ret.score(S, Xte, yte)),
+           "warned": len(single), "seconds": time.perf_counter() - t}
+    if twin is not None:
+        q = est.q_
         row["median_q"] = float(np.median(q))
         row["top_unfitted"] = float(np.mean(q[top] >= FITTED))
         row["base_unfitted"] = float(np.mean(q >= FITTED))
         # the same scores without TRAK's 1 - p weights: what the weights do to the ranking
-        S0 = S / q[None, :]
-        top0 = np.argsort(-S0, axis=1, kind="stable")[:, :k]
-        row["same_label_noq"] = float(np.mean(ytr[top0] == yte[:, None]))
+        S0 = twin.fit(Xtr, ytr).attribute(Xte, yte)
+        row["same_label_noq"] = top_k_stats(S0, ytr, yte, k)[1]
         row["lds_noq"] = float(ret.score(S0, Xte, yte))
     return row, (str(single[0].message) if single else None)
 
@@ -133,7 +144,8 @@ def run(arch, sizes, projection_dim, alternatives):
             ("HYDRA", 1, HYDRA(model, projection_dim=projection_dim, random_state=0)),
         ]
     for name, M, est in specs:
-        row, msg = evaluate(name, est, ret, Xtr, ytr, Xte, yte)
+        twin = (clone(est).set_params(output=margin_without_weights) if isinstance(est, TRAK) else None)
+        row, msg = evaluate(name, est, ret, Xtr, ytr, Xte, yte, twin=twin)
         row["models"] = M
         rows.append(row)
         text = text or msg
