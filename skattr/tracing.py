@@ -36,7 +36,8 @@ from torch import nn
 
 from .training import Callback
 
-__all__ = ["RepresentationRecorder", "StepRecord", "TRACEABLE", "layer_dims", "layer_input", "traceable_layers"]
+__all__ = ["ClasswiseBatches", "RepresentationRecorder", "StepRecord", "TRACEABLE", "layer_dims", "layer_input",
+           "traceable_layers"]
 
 TRACEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -167,6 +168,62 @@ class StepRecord:
         return self.D
 
 
+class ClasswiseBatches(Callback):
+    """The paper's mini-batch variant: single-class batches plus "ghost" examples.
+
+    Each epoch, every class's examples are shuffled and cut into batches of
+    ``batch_size - ghost`` (the last of a class may be smaller), the batches are shuffled, and
+    each gets ``ghost`` examples drawn with replacement from the whole training set (so classes
+    by their prior) that enter the forward pass (batch-norm statistics) with loss weight 0:
+    the step's loss is the mean over the single-class part, so without batch norm each update
+    belongs to one class.  Randomness comes from the trainer's seeded generator.
+
+    Parameters
+    ----------
+    labels : array-like of shape (n_train,)
+        The training labels, in the order of the training data.
+    batch_size : int
+        Examples per step, ghosts included.
+    ghost : int, default=0
+        Ghost examples per step (``0 <= ghost < batch_size``).
+
+    Attributes
+    ----------
+    n_batches_ : int
+        Steps per epoch.
+    """
+
+    def __init__(self, labels, batch_size, ghost=0):
+        self.labels = labels
+        self.batch_size = batch_size
+        self.ghost = ghost
+
+    def _check(self, n):
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or len(labels) != n:
+            raise ValueError(f"ClasswiseBatches has {labels.size} labels for {n} training examples.")
+        B, g = int(self.batch_size), int(self.ghost)
+        if not 0 <= g < B:
+            raise ValueError(f"ghost must be in [0, batch_size={B}), got {g}.")
+        return labels, B - g, g
+
+    def plan_epoch(self, state, generator):
+        labels, m, g = self._check(state.n_train)
+        chunks = []
+        for c in np.unique(labels):
+            members = torch.as_tensor(np.flatnonzero(labels == c))
+            members = members[torch.randperm(len(members), generator=generator)]
+            chunks += list(members.split(m))
+        order = torch.randperm(len(chunks), generator=generator)
+        plan = []
+        for k in order.tolist():
+            ghosts = torch.randint(state.n_train, (g,), generator=generator)
+            w = torch.cat([torch.ones(len(chunks[k]), dtype=torch.float64), torch.zeros(g, dtype=torch.float64)])
+            plan.append((torch.cat([chunks[k], ghosts]), w))
+        self.n_batches_ = len(plan)
+        return plan
+
+
 def _gaussian(seed, rows, cols, device, dtype):
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
@@ -290,6 +347,8 @@ class RepresentationRecorder(Callback):
         fold = self.bias == "append"
         idx = np.asarray(state.batch_indices).copy()
         if self.record == "updates":
+            if state.batch_weights is not None:  # ghosts (loss weight 0) get no share of the update
+                idx = idx[np.asarray(state.batch_weights) > 0]
             for n, m, W0 in zip(self.layers_, self._mods, self._before):
                 D = (layer_weight(m, fold) - W0) * scale
                 self.records_[n].append(StepRecord(step, state.lr, idx, "batch", D=D[None]))

@@ -25,6 +25,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     batch_indices: np.ndarray | None = None
+    batch_weights: np.ndarray | None = None
     lr: float = 0.0
     loss: float = float("nan")
     n_train: int = 0
@@ -36,8 +37,16 @@ class Callback:
     """Base class: override any of the hooks. Each receives a :class:`TrainState`.
 
     ``on_batch_begin`` runs before the parameter update of a step (parameters are ``theta_t``),
-    ``on_batch_end`` after it (parameters are ``theta_{t+1}``).
+    ``on_batch_end`` after it (parameters are ``theta_{t+1}``).  ``plan_epoch`` lets one callback
+    choose the batches: it returns ``None`` (the trainer's seeded shuffle) or the epoch's batches,
+    each an index array or a pair ``(indices, loss_weights)``; the step's loss is then
+    ``sum_i w_i loss_i / sum_i w_i`` (weight 0: the example enters the forward pass, e.g. batch-norm
+    statistics, but not the loss) and ``state.batch_weights`` holds the weights.  The number of
+    steps of every epoch is that of the first (it sets the learning-rate schedule's length).
     """
+
+    def plan_epoch(self, state, generator):
+        return None
 
     def on_train_begin(self, state):
         pass
@@ -180,23 +189,34 @@ def train_module(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="training", leave=False)
+    planners = [cb for cb in callbacks if type(cb).plan_epoch is not Callback.plan_epoch]
+    if len(planners) > 1:
+        raise ValueError(f"Only one callback may plan the batches, got {[type(c).__name__ for c in planners]}.")
     for epoch in range(epochs):
         module.train()
-        perm = torch.randperm(n, generator=gen)
+        plan = _planned(planners[0], state, gen, n) if planners else None
+        if plan is None:
+            perm = torch.randperm(n, generator=gen)
+            plan = [(perm[b * batch_size : (b + 1) * batch_size], None) for b in range(steps_per_epoch)]
+        elif epoch == 0:
+            total = epochs * len(plan)
+            if bar is not None:
+                bar.total = total
         tot = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * batch_size : (b + 1) * batch_size]
+        for idx, w in plan:
             cur_lr = _lr_at(lr, lr_schedule, state.step, total)
             for gpar in opt.param_groups:
                 gpar["lr"] = cur_lr
             state.epoch, state.batch_indices, state.lr = epoch, idx.numpy(), cur_lr
+            state.batch_weights = None if w is None else w.numpy()
             for cb in callbacks:
                 cb.on_batch_begin(state)
             dev_idx = idx.to(X.device)
             out = module(X[dev_idx])
             if out.ndim == 1:
                 out = out[:, None]
-            loss = loss_fn(out, y[dev_idx]).mean()
+            loss = loss_fn(out, y[dev_idx])
+            loss = loss.mean() if w is None else (loss * w.to(loss)).sum() / w.sum().to(loss)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"Training loss became {loss.item()} at epoch {epoch}, step {state.step}: "
@@ -207,12 +227,12 @@ def train_module(
             opt.step()
             state.step += 1
             state.loss = float(loss.detach())
-            tot += state.loss * len(idx)
+            tot += state.loss * (len(idx) if w is None else float(w.sum()))
             for cb in callbacks:
                 cb.on_batch_end(state)
             if bar is not None:
                 bar.update(1)
-        history.append(tot / n)
+        history.append(tot / _planned_weight(plan))
         for cb in callbacks:
             cb.on_epoch_end(state)
         if bar is not None:
@@ -223,6 +243,34 @@ def train_module(
     for cb in callbacks:
         cb.on_train_end(state)
     return history
+
+
+def _planned(planner, state, gen, n):
+    """A callback's batches for this epoch as ``[(LongTensor, weights or None)]`` (validated)."""
+    plan = planner.plan_epoch(state, gen)
+    if plan is None:
+        return None
+    out = []
+    for b in plan:
+        idx, w = b if isinstance(b, tuple) else (b, None)
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        if idx.ndim != 1 or len(idx) == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise ValueError(f"{type(planner).__name__}.plan_epoch gave a batch that is not a non-empty "
+                             f"list of indices in [0, {n}).")
+        if w is not None:
+            w = torch.as_tensor(np.asarray(w, dtype=np.float64))
+            if w.shape != idx.shape or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+                raise ValueError(f"{type(planner).__name__}.plan_epoch gave loss weights that are not "
+                                 "finite, non-negative, one per index and with a positive sum.")
+        out.append((idx, w))
+    if not out:
+        raise ValueError(f"{type(planner).__name__}.plan_epoch gave no batch.")
+    return out
+
+
+def _planned_weight(plan):
+    """The examples in the epoch's losses (n for the default shuffle)."""
+    return sum(len(i) if w is None else float(w.sum()) for i, w in plan)
 
 
 def copy_callbacks(callbacks):

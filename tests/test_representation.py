@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 
 from skattr import TorchModel, TrajectoryRecorder
 from skattr.estimators.representation import RepresentationTracer
+from skattr.tracing import ClasswiseBatches
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +225,67 @@ def test_digits_top10_share_the_class(digits):
     assert np.all(last["weight"] >= 0) and np.all(np.abs(last["cos"]) <= 1 + 1e-6)
 
 
+# ----------------------------------------------------------------------------- classwise / ghost
+def test_classwise_batches_are_single_class_with_ghosts(digits):
+    X, y = digits[0][:90], digits[1][:90]
+    model = _model(_mlp(), batch_size=10, callbacks=[ClasswiseBatches(y, batch_size=10, ghost=3),
+                                                     TrajectoryRecorder()])
+    batches = clone(model).fit(X, y).callbacks_[1].batches_
+    n_per_epoch = sum(-(-int((y == c).sum()) // 7) for c in np.unique(y))
+    assert len(batches) == 2 * n_per_epoch
+    for e in range(2):
+        seen = []
+        for b in batches[e * n_per_epoch:(e + 1) * n_per_epoch]:
+            assert len(b) <= 10 and len(b) - 3 >= 1
+            assert len(set(y[b[:-3]])) == 1  # the loss part is one class
+            seen += list(b[:-3])
+        assert sorted(seen) == list(range(len(X)))  # every example once per epoch in the loss
+    # the same seed gives the same batches (the trainer's generator)
+    for a, b in zip(batches, clone(model).fit(X, y).callbacks_[1].batches_):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_classwise_ghost_updates_against_brute_force(digits):
+    """Per-example updates of a classwise run with ghosts through batch norm, against per-example
+    weight copies differentiated through the masked batch loss at every step's parameters."""
+    X, y = digits[0][:60], digits[1][:60]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 12, bias=False), nn.BatchNorm1d(12, affine=False), nn.Tanh(),
+                        nn.Linear(12, 10, bias=False))
+    rec = TrajectoryRecorder(checkpoint_every=1)
+    model = _model(net, callbacks=[rec], epochs=2, batch_size=12, lr_schedule="linear")
+    tr = RepresentationTracer(model, batch_mode="classwise", ghost=4).fit(X, y)
+    fitted = [cb for cb in tr.model_.callbacks_ if isinstance(cb, TrajectoryRecorder)][0]
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    ref = {n: torch.zeros(len(X), *_weights(net, n, False).shape, dtype=torch.float64) for n in ("0", "3")}
+    ghost_rows = 0.0
+    for t, (idx, lr) in enumerate(zip(fitted.batches_, fitted.lrs_)):
+        state = fitted.checkpoints_[t][1]
+        B = len(idx)
+        w = torch.cat([torch.ones(B - 4), torch.zeros(4)]).double()
+        W1 = state["0.weight"].expand(B, -1, -1).clone().requires_grad_()
+        W2 = state["3.weight"].expand(B, -1, -1).clone().requires_grad_()
+        h = F.batch_norm(torch.einsum("bi,boi->bo", Xt[idx], W1), None, None, training=True, eps=1e-5)
+        z = torch.einsum("bi,boi->bo", torch.tanh(h), W2)
+        loss = (F.cross_entropy(z, yt[idx], reduction="none") * w).sum() / w.sum()
+        g1, g2 = torch.autograd.grad(loss, [W1, W2])
+        assert len(set(y[idx[:-4]])) == 1
+        ghost_rows += float(g1[-4:].norm())
+        for n, g in (("0", g1), ("3", g2)):
+            ref[n].index_add_(0, torch.as_tensor(idx), -lr * g)
+    assert ghost_rows > 0  # ghosts reach the first layer's update through the batch statistics
+    for n in ("0", "3"):
+        torch.testing.assert_close(tr.example_updates(n), ref[n], rtol=1e-9, atol=1e-12)
+    # whole-step updates: each shared by the step's single-class part only
+    up = RepresentationTracer(model, record="updates", batch_mode="classwise", ghost=4).fit(X, y)
+    for r in up.recorder_.records_["3"]:
+        assert len(set(y[r.index])) == 1
+    torch.testing.assert_close(up.example_updates("3").sum(0), up.total_update("3"))
+    assert max(up.weight_residual_.values()) < 1e-10
+    S = up.class_statistics(digits[0][300:303])["3"]
+    assert set(np.unique(S["label"])) <= set(np.unique(y))
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input(digits):
     X, y = digits[0][:60], digits[1][:60]
@@ -239,8 +301,10 @@ def test_bad_input(digits):
         RepresentationTracer(_model(_mlp()), layers=["nope"]).fit(X, y)
     with pytest.raises(ValueError, match="needs the training labels"):
         RepresentationTracer(_model(_mlp())).fit(X)
-    with pytest.raises(ValueError, match="batch_mode"):
-        RepresentationTracer(_model(_mlp()), batch_mode="classwise").fit(X, y)
+    with pytest.raises(ValueError, match="ghost=2 needs batch_mode='classwise'"):
+        RepresentationTracer(_model(_mlp()), ghost=2).fit(X, y)
+    with pytest.raises(ValueError, match="ghost=16 must be less than the model's batch_size=16"):
+        RepresentationTracer(_model(_mlp()), batch_mode="classwise", ghost=16).fit(X, y)
     tr = RepresentationTracer(_model(_mlp())).fit(X, y)
     with pytest.raises(ValueError, match="X has 63 features.*expecting 64"):
         tr.attribute(X[:3, :63])

@@ -28,6 +28,7 @@ from .._fingerprint import data_hash
 from .._validation import check_fitted_shape, check_input
 from ..model import TorchModel
 from ..tracing import (
+    ClasswiseBatches,
     RepresentationRecorder,
     layer_input,
     layer_output,
@@ -69,9 +70,17 @@ class RepresentationTracer(BaseAttributor):
         products unbiased): less storage, approximate scores, no exact weight reconstruction.
     step_every : int, default=1
         Record one step in ``step_every`` (recorded updates scaled by ``step_every``).
-    batch_mode : {"examplewise"}, default="examplewise"
-        The mini-batch variant with single-class batches and ghost examples is not
-        implemented yet.
+    batch_mode : {"examplewise", "classwise"}, default="examplewise"
+        ``"examplewise"``: the model's shuffled mini-batches.  ``"classwise"``: the paper's
+        mini-batch variant (:class:`~skattr.tracing.ClasswiseBatches`): single-class batches of
+        ``batch_size - ghost`` examples plus ``ghost`` examples drawn from the whole training set
+        that enter batch-norm statistics but not the loss, so (without batch norm, or with
+        ``record="updates"``) each step's update belongs to one class.
+    ghost : int, default=0
+        Ghost examples per step for ``batch_mode="classwise"`` (less than the model's
+        ``batch_size``).  With ``record="updates"`` a step's update is shared by its non-ghost
+        examples; with ``"factors"`` a ghost's rows are its own (zero without batch norm: it is
+        not in the loss).
     bias : {"append", "exclude"}, default="append"
         ``"append"`` folds a layer's bias in as an input column of ones, so it decomposes
         exactly; ``"exclude"`` leaves it out (``p(x)`` then keeps the bias, reported by
@@ -128,7 +137,8 @@ class RepresentationTracer(BaseAttributor):
         "record": [StrOptions({"factors", "updates"})],
         "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "step_every": [Interval(numbers.Integral, 1, None, closed="left")],
-        "batch_mode": [StrOptions({"examplewise"})],
+        "batch_mode": [StrOptions({"examplewise", "classwise"})],
+        "ghost": [Interval(numbers.Integral, 0, None, closed="left")],
         "bias": [StrOptions({"append", "exclude"})],
         "momentum_ok": ["boolean"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
@@ -146,6 +156,7 @@ class RepresentationTracer(BaseAttributor):
         projection_dim=None,
         step_every=1,
         batch_mode="examplewise",
+        ghost=0,
         bias="append",
         momentum_ok=False,
         batch_size=None,
@@ -158,6 +169,7 @@ class RepresentationTracer(BaseAttributor):
         self.projection_dim = projection_dim
         self.step_every = step_every
         self.batch_mode = batch_mode
+        self.ghost = ghost
         self.bias = bias
         self.momentum_ok = momentum_ok
         self.batch_size = batch_size
@@ -194,7 +206,15 @@ class RepresentationTracer(BaseAttributor):
             layers=self.layers, record=self.record, projection_dim=self.projection_dim,
             step_every=self.step_every, bias=self.bias, seed=self.random_state,
         )
-        cbs = [cb for cb in (m.callbacks or []) if not isinstance(cb, RepresentationRecorder)]
+        cbs = [cb for cb in (m.callbacks or []) if not isinstance(cb, (RepresentationRecorder, ClasswiseBatches))]
+        if self.batch_mode == "classwise":
+            if m.task != "classification":
+                raise ValueError("batch_mode='classwise' needs a classification model (task='classification').")
+            if not self.ghost < int(m.batch_size):
+                raise ValueError(f"ghost={self.ghost} must be less than the model's batch_size={m.batch_size}.")
+            cbs.append(ClasswiseBatches(np.asarray(y), int(m.batch_size), int(self.ghost)))
+        elif self.ghost:
+            raise ValueError(f"ghost={self.ghost} needs batch_mode='classwise'.")
         self.model_ = clone(m).set_params(callbacks=[*cbs, rec])
         self.model_.fit(X, y)
         self.recorder_ = [cb for cb in self.model_.callbacks_ if isinstance(cb, RepresentationRecorder)][-1]
