@@ -27,7 +27,7 @@ from torch.nn.parameter import is_lazy
 
 from .featurize import progress
 from .model import TorchModel
-from .parallel import BlockError, n_workers
+from .parallel import BlockError, n_workers, torch_threads
 from .store import writer_id
 
 __all__ = ["train_models", "load_member", "check_members", "member_seed", "subset_indices"]
@@ -73,9 +73,10 @@ def _train_one(template, X, y, idx, seed, path):
     return est
 
 
-def _train_job(j, *args):
+def _train_job(j, threads, *args):
     try:
-        return _train_one(*args)
+        with torch_threads(threads):  # the caller's torch threads: the same rounding as in it
+            return _train_one(*args)
     except Exception as exc:  # noqa: BLE001 - re-raised naming the model and the worker
         raise BlockError(f"Training model {j} failed on worker {writer_id()}: "
                          f"{type(exc).__name__}: {exc}") from exc
@@ -116,7 +117,7 @@ def train_models(template, X, y, subsets, seeds, *, paths=None, n_jobs=None, ver
     models = [_load_cached(p) for p in paths]
     todo = [j for j in range(M) if models[j] is None]
     fitted = joblib.Parallel(n_jobs=n_jobs, verbose=10 if verbose > 1 else 0)(
-        joblib.delayed(_train_job)(j, template, X[subsets[j]], y[subsets[j]],
+        joblib.delayed(_train_job)(j, torch.get_num_threads(), template, X[subsets[j]], y[subsets[j]],
                                    np.arange(len(subsets[j])), seeds[j], paths[j])
         for j in todo
     )

@@ -20,13 +20,16 @@ A job that raises is reported as a :class:`BlockError` naming the block, its row
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
+from joblib.parallel import get_active_backend
 
 from .store import ScoreStore, top_k_blocks, writer_id
 
-__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks"]
+__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks", "torch_threads"]
 
 
 class BlockError(RuntimeError):
@@ -46,6 +49,22 @@ def _shard(a, r0, r1):
     if isinstance(a, torch.Tensor):
         return a[r0:r1].clone()
     return np.array(a[r0:r1])
+
+
+class torch_threads:
+    """Run a job with torch's intra-op thread count of the caller: products are split the same
+    way as in a serial run, so their rounding is the same (joblib's process workers and
+    Python threads would otherwise use their own counts)."""
+
+    def __init__(self, n):
+        self.n = int(n)
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
 
 
 def _run(jobs, n_jobs, verbose, total, desc):
@@ -68,9 +87,10 @@ def _stopped(exc, store, what):
 
 
 # ---------------------------------------------------------------------------- featurisation
-def _featurize_block(fz, Xs, ys, m, b, r0, r1, dim, store):
+def _featurize_block(fz, Xs, ys, m, b, r0, r1, dim, store, threads):
     try:
-        F, q = fz.rows(Xs, ys, 0, r1 - r0, dim=dim)
+        with torch_threads(threads):
+            F, q = fz.rows(Xs, ys, 0, r1 - r0, dim=dim)
         if store is None:
             return m, b, F, q
         store.write(m, b, F, q)
@@ -115,12 +135,15 @@ def featurize_blocks(featurizer, X, y_enc, store, todo, *, dim, n_jobs=None, ver
     on_disk = getattr(store, "path", None) is not None
     if on_disk:
         store.cleanup(0.0)  # leftovers of interrupted runs, before any worker writes
+    # thread workers share this process: each job gets its own copy of the network (the
+    # gradient engine hooks into it); process workers receive a copy anyway
+    threads = bool(getattr(get_active_backend()[0], "uses_threads", False))
     jobs = []
     for m, b in todo:
         r0, r1 = store.block_range(b)
         jobs.append(delayed(_featurize_block)(
-            fz(m), _shard(X, r0, r1), None if y_enc[m] is None else _shard(y_enc[m], r0, r1),
-            m, b, r0, r1, dim, store if on_disk else None))
+            copy.deepcopy(fz(m)) if threads else fz(m), _shard(X, r0, r1), None if y_enc[m] is None else _shard(y_enc[m], r0, r1),
+            m, b, r0, r1, dim, store if on_disk else None, torch.get_num_threads()))
     try:
         for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc):
             if not on_disk:
@@ -145,13 +168,14 @@ def _progress(items, verbose, desc):
 
 
 # ---------------------------------------------------------------------------- Gram
-def _block_gram(features, m, b, dtype, acc, device):
+def _block_gram(features, m, b, dtype, acc, device, threads):
     from ._linalg import upper_gram
     from .preconditioners import as_tensor
 
     try:
         F, _ = features.read(m, b)
-        return b, upper_gram(as_tensor(F, device, dtype).T, acc).cpu()
+        with torch_threads(threads):
+            return b, upper_gram(as_tensor(F, device, dtype).T, acc).cpu()
     except Exception as exc:  # noqa: BLE001
         raise BlockError(f"The Gram product of block {b} of model {m} failed on worker "
                          f"{writer_id()}: {type(exc).__name__}: {exc}") from exc
@@ -173,7 +197,8 @@ def block_gram(features, m, dtype, acc, device="cpu", n_jobs=None):
     parts = {}
     try:
         for b, Ub in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-            delayed(_block_gram)(features, m, b, dtype, acc, "cpu") for b in range(nb)
+            delayed(_block_gram)(features, m, b, dtype, acc, "cpu", torch.get_num_threads())
+            for b in range(nb)
         ):
             parts[b] = Ub
     except BlockError:
@@ -219,13 +244,14 @@ def _score_block(targets, blocks, scale, chunk):
     return S.cpu().numpy()
 
 
-def _score_job(targets, features, b, blocks, scale, chunk, out):
+def _score_job(targets, features, b, blocks, scale, chunk, out, threads):
     """One column block in a worker: read from the on-disk ``features`` (or given ``blocks``),
     scored, written to ``out`` (or returned)."""
     try:
         if blocks is None:
             blocks = {m: _columns(features, m, b) for m, _ in targets}
-        S = _score_block(targets, blocks, scale, chunk)
+        with torch_threads(threads):
+            S = _score_block(targets, blocks, scale, chunk)
         if out is None:
             return b, S
         out.write(b, S)
@@ -242,7 +268,7 @@ def _score_jobs(targets, features, blist, scale, chunk, out):
         # a worker gets only its block: the store to read it from, or the block's rows
         blocks = None if on_disk else {m: np.array(_columns(features, m, b)) for m, _ in targets}
         yield delayed(_score_job)(targets, features if on_disk else None, b, blocks,
-                                  scale[r0:r1], chunk, out)
+                                  scale[r0:r1], chunk, out, torch.get_num_threads())
 
 
 def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None, verbose=0,

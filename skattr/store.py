@@ -145,10 +145,12 @@ class _BlockDir(BlockLayout):
             )
 
     def _open(self):
+        self._done = set()
         if self._manifest_path.exists():
             man = self._read_manifest()
             self._check_header(man)
             if man.get("version", 1) < 2 and man.get("done"):
+                self._scan()
                 self._upgrade_v1(man["done"])
         else:
             man = self._header()
