@@ -1,9 +1,11 @@
 """python -m skattr: the end-to-end report on sklearn's digits (no download).
 
 Sections (``--sections``): ``ntk`` (approximate eNTK kernels and kernel-machine surrogates),
-``trak`` (TRAK, LDS, concept attribution), ``attribution`` (TRAK, TracIn, influence functions
-and Grad-Cos compared: LDS and surrogate fidelity) and ``loss`` (the loss kernel), when installed.
-Writes ``report.md``, ``results.csv`` and PNG plots to ``--out``.
+``trak`` (TRAK, LDS, concept attribution), ``attribution`` (TRAK, TracIn, HYDRA, influence
+functions and Grad-Cos compared: LDS and surrogate fidelity), ``loss`` (the loss kernel),
+``hydra`` (noisy-label detection: HYDRA, TracIn, influence functions) and ``representation``
+(representation tracing).  Writes ``report.html`` (self-contained), ``report.md``,
+``results.csv``, ``summary.json`` and the PNG plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -20,98 +22,138 @@ import time
 import torch
 
 SECTIONS = {
-    "ntk": ("skattr.reports.ntk", "ntk_report"),
-    "trak": ("skattr.reports.trak", "trak_report"),
-    "attribution": ("skattr.reports.attribution", "attribution_report"),
-    "loss": ("skattr.reports.loss_kernel", "loss_kernel_report"),
+    "ntk": "skattr.reports.ntk",
+    "trak": "skattr.reports.trak",
+    "attribution": "skattr.reports.attribution",
+    "loss": "skattr.reports.loss_kernel",
+    "hydra": "skattr.reports.hydra",
+    "representation": "skattr.reports.representation",
+}
+REPORT_FUNCTION = {
+    "ntk": "ntk_report",
+    "trak": "trak_report",
+    "attribution": "attribution_report",
+    "loss": "loss_kernel_report",
+    "hydra": "hydra_report",
+    "representation": "representation_report",
+}
+
+#: What each run size costs, measured with ``time python -m skattr`` on a busy 2-core CPU (see
+#: docs/main_job.md); printed at the start of a run.
+EXPECTED = {
+    "tiny": "well under a minute",
+    "quick": "about 2 minutes",
+    "default": "about 3 minutes",
+    "full": "about 50 minutes (the ntk section alone took 44 minutes at these sizes)",
 }
 
 
-def _section(name):
-    mod, fn = SECTIONS[name]
+def _module(name):
     try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError):
+        return importlib.import_module(SECTIONS[name])
+    except ImportError:
         return None
 
 
-def main(argv=None):
+def _parser():
     p = argparse.ArgumentParser(prog="python -m skattr", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="skattr_report", help="output folder (default: skattr_report)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: ntk,trak,attribution,loss")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick",
+                      help="smaller sizes, a smoke run")
+    size.add_argument("--full", action="store_const", dest="size", const="full",
+                      help="the full study quoted in benchmarks/ and the docs (about 50 minutes)")
+    # the test suite's size (a few seconds per section); not part of the documented interface
+    size.add_argument("--size", dest="size", choices=["tiny", "quick", "default", "full"],
+                      help=argparse.SUPPRESS)
+    p.set_defaults(size="default")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated, run in that order (default: {','.join(SECTIONS)})")
+    p.add_argument("--seed", type=int, default=0, help="seeds splits, training and projections")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the networks are small, and extra threads "
+                        "mostly add synchronisation on a shared machine)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    torch.manual_seed(args.seed)
-    t_all = time.perf_counter()
-    md = [
-        "# skattr report",
-        "",
-        f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}; "
-        f"seed {args.seed}{', quick' if args.quick else ''}.",
-        "",
-    ]
-    summary = {}
-    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for name in names:
         if name not in SECTIONS:
-            p.error(f"unknown section {name!r}; choose from {list(SECTIONS)}")
-        fn = _section(name)
-        if fn is None:
+            p.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    if not names:
+        p.error("--sections is empty")
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    from .reports.html import write_report
+    from .reports.progress import Progress
+
+    mods = {}
+    for name in names:
+        mod = _module(name)
+        if mod is None:
             print(f"[skattr] section {name!r} is not available in this version; skipped.")
             continue
-        print(f"[skattr] section {name} ...", flush=True)
-        t = time.perf_counter()
-        out = fn(os.path.join(args.out, name), random_state=args.seed, quick=args.quick,
-                 **({"verbose": 0 if args.quiet else 1} if name == "ntk" else {}))
-        secs = time.perf_counter() - t
-        md += _render(name, out, args.out, secs)
-        summary[name] = {"seconds": round(secs, 1)}
-        print(f"[skattr] section {name} done in {secs:.1f} s", flush=True)
-    md.append(f"\nTotal: {time.perf_counter() - t_all:.1f} s.")
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+        mods[name] = mod
+    os.makedirs(args.out, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    total = sum(m.n_steps(args.size) for m in mods.values())
+    progress = Progress(total, quiet=args.quiet)
+    progress.message(f"{args.size} run, sections {', '.join(mods)}: {total} steps, expected "
+                     f"{EXPECTED[args.size]} on a 2-core CPU.")
+    meta = (f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} "
+            f"thread(s), device {'cuda' if torch.cuda.is_available() else 'cpu'}; seed {args.seed}; "
+            f"size {args.size}; sections {', '.join(mods)}.")
+    sections, summary = [], {"size": args.size, "seed": args.seed, "sections": {}}
+    try:
+        for name, mod in mods.items():
+            t = time.perf_counter()
+            fn = getattr(mod, REPORT_FUNCTION[name])
+            sec = fn(os.path.join(args.out, name), random_state=args.seed, size=args.size,
+                     progress=progress)
+            sec.seconds = time.perf_counter() - t
+            sections.append(sec)
+            if name == "ntk":
+                _write_csv(sec.data["rows"], os.path.join(args.out, "results.csv"))
+            summary["sections"][name] = {"seconds": round(sec.seconds, 1),
+                                         **{k: v for k, v in sec.data.items() if k != "rows"}}
+    finally:
+        torch.set_num_threads(threads)
+    elapsed = progress.elapsed()
+    summary["seconds"] = round(elapsed, 1)
+    md, page = write_report(sections, meta + f" Total run time {elapsed:.0f} s.", args.out)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"[skattr] report written to {os.path.join(args.out, 'report.md')}")
+        json.dump(summary, f, indent=1, default=_jsonable)
+    if not args.quiet:
+        print("\nSummary")
+        for sec in sections:
+            for net, acc in sec.networks:
+                print(f"  {sec.title}: {net}, test accuracy {acc:.3f}")
+        for sec in sections:
+            for s in sec.summary:
+                print(f"  {sec.title}: {s}")
+    progress.message(f"done in {elapsed:.0f} s; report: {page} (and {os.path.basename(md)} beside it)")
     return 0
 
 
-def _render(name, out, root, secs):
-    lines = []
-    if name == "ntk":
-        from .reports.ntk import PAPER_MNIST2_MLP, format_table
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
 
-        rows = out["rows"]
-        table = format_table(rows)
-        print(table)
-        with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        lines += [
-            "## Approximate eNTK surrogates (digits)",
-            "",
-            "Kendall tau between the surrogate's and the network's probability of the true class on "
-            "the test split (binary: class 1); acc. diff = surrogate minus network test accuracy. "
-            f"Paper, MNIST2 MLP (exact eNTK): kGLM {PAPER_MNIST2_MLP['kglm']}, "
-            f"kSVM {PAPER_MNIST2_MLP['svc']}.",
-            "",
-            table,
-            "",
-        ]
-    else:
-        lines += [f"## Section {name}", ""]
-        for k, v in out.items():
-            if k != "figures":
-                lines.append(f"- {k}: {v}")
-                print(f"  {k}: {v}")
-    for fig in out.get("figures", []):
-        lines.append(f"![{os.path.basename(fig)}]({os.path.relpath(fig, root)})")
-    lines += ["", f"({secs:.1f} s)", ""]
-    return lines
+
+def _write_csv(rows, path):
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def _plt():
     return plt
 
 
-def plot_kernel_heatmap(K, labels, *, ax=None, title=None, cmap="viridis"):
+def plot_kernel_heatmap(K, labels, *, ax=None, title=None, cmap="viridis", vmin=None, vmax=None,
+                        cbar_label="kernel value", axis_label="class"):
     """Heat map of a square kernel with rows and columns sorted by ``labels``.
 
     Class boundaries are drawn as white lines; a kernel that knows the classes shows blocks.
@@ -37,6 +38,13 @@ def plot_kernel_heatmap(K, labels, *, ax=None, title=None, cmap="viridis"):
     labels : array of shape (n,)
     ax : matplotlib Axes, default=None
     title : str, default=None
+    cmap : str, default="viridis"
+    vmin, vmax : float, default=None
+        Colour range (``None``: the data's).
+    cbar_label : str, default="kernel value"
+        Label of the colour bar.
+    axis_label : str, default="class"
+        Label of both axes (the ticks name the classes).
 
     Returns
     -------
@@ -56,7 +64,7 @@ def plot_kernel_heatmap(K, labels, *, ax=None, title=None, cmap="viridis"):
     order = np.argsort(labels, kind="stable")
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4.5))
-    im = ax.imshow(K[np.ix_(order, order)], cmap=cmap, interpolation="nearest")
+    im = ax.imshow(K[np.ix_(order, order)], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ls = labels[order]
     edges = np.flatnonzero(ls[1:] != ls[:-1]) + 0.5
     for e in edges:
@@ -67,7 +75,12 @@ def plot_kernel_heatmap(K, labels, *, ax=None, title=None, cmap="viridis"):
     ax.set_xticklabels([str(c) for c in np.unique(ls)], fontsize=7)
     ax.set_yticks(mids)
     ax.set_yticklabels([str(c) for c in np.unique(ls)], fontsize=7)
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if axis_label:
+        ax.set_xlabel(axis_label)
+        ax.set_ylabel(axis_label)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if cbar_label:
+        cb.set_label(cbar_label)
     if title:
         ax.set_title(title, fontsize=9)
     return ax
@@ -119,8 +132,10 @@ def save(ax_or_fig, path, dpi=120):
     """Save the figure of ``ax_or_fig`` to ``path`` and close it."""
     plt = _plt()
     fig = getattr(ax_or_fig, "figure", ax_or_fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    if not fig.legends:  # a figure legend placed by the caller keeps the caller's layout
+        fig.tight_layout()
+    # "tight" keeps legends and labels placed outside the axes inside the image
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -274,10 +289,10 @@ def plot_top_k_images(X_test, X_train, proponents, *, image_shape=None, y_test=N
         return x
 
     n, k = P.shape
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.1 * (k + 1), 1.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.35 * (k + 1), 1.6 * n), squeeze=False)
     for r in range(n):
         axes[r, 0].imshow(img(X_test[r]), cmap=cmap)
-        axes[r, 0].set_title("test" + (f" y={y_test[r]}" if y_test is not None else ""), fontsize=6,
+        axes[r, 0].set_title("test" + (f" y={y_test[r]}" if y_test is not None else ""), fontsize=7,
                              color="C3")
         for j in range(k):
             i = int(P[r, j])
@@ -287,11 +302,65 @@ def plot_top_k_images(X_test, X_train, proponents, *, image_shape=None, y_test=N
                 parts.append(f"y={y_train[i]}")
             if scores is not None:
                 parts.append(f"{scores[r, j]:.2g}")
-            axes[r, j + 1].set_title(" ".join(parts), fontsize=5)
+            axes[r, j + 1].set_title(" ".join(parts), fontsize=6)
     for a in axes.ravel():
         a.set_xticks([])
         a.set_yticks([])
     return fig
 
 
-__all__ += ["plot_class_ridge", "plot_influence_over_time", "plot_top_k_images"]
+def plot_image_grid(X, titles=None, *, ncols=6, image_shape=None, row_labels=None, cmap="gray_r"):
+    """A grid of images, each with a title above it, rows optionally labelled.
+
+    Parameters
+    ----------
+    X : array of shape (n, ...)
+        Images, or flat vectors with ``image_shape``.
+    titles : list of str, default=None
+        One per image (may hold line breaks).
+    ncols : int, default=6
+    image_shape : tuple, default=None
+        E.g. ``(8, 8)`` for flat digits.
+    row_labels : list of str, default=None
+        Written left of each row.
+
+    Returns
+    -------
+    fig : matplotlib Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skattr.plotting import plot_image_grid
+    >>> fig = plot_image_grid(np.zeros((4, 64)), ["a", "b", "c", "d"], ncols=2, image_shape=(8, 8),
+    ...                       row_labels=["first", "second"])
+    """
+    plt = _plt()
+    X = np.asarray(X)
+    n = X.shape[0]
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles must have one entry per image: {len(titles)} titles, {n} images.")
+    nrows = int(np.ceil(n / ncols))
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ValueError(f"row_labels must have one entry per row: {len(row_labels)} for {nrows} rows.")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.35 * ncols + (1.2 if row_labels else 0), 1.75 * nrows),
+                             squeeze=False)
+    for i, a in enumerate(axes.ravel()):
+        a.set_xticks([])
+        a.set_yticks([])
+        if i >= n:
+            a.axis("off")
+            continue
+        x = X[i].reshape(image_shape) if image_shape is not None else X[i]
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)
+        a.imshow(x, cmap=cmap)
+        if titles is not None:
+            a.set_title(titles[i], fontsize=7)
+    if row_labels is not None:
+        for r, lab in enumerate(row_labels):
+            axes[r, 0].set_ylabel(lab, fontsize=8)
+    return fig
+
+
+__all__ += ["plot_class_ridge", "plot_influence_over_time", "plot_top_k_images", "plot_image_grid"]

@@ -39,7 +39,7 @@ def _n_params(model):
 
 def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, projection_dim=2048,
                       solvers=("cg", "lissa", "ekfac"), damping=None, lissa_iter=300, cg_iter=None, exact_max_params=5000,
-                      fidelity=True, cache_dir=None, random_state=0, verbose=0):
+                      fidelity=True, cache_dir=None, random_state=0, verbose=0, progress=None):
     """LDS (and surrogate fidelity) of every attribution method on one split.
 
     Parameters
@@ -66,15 +66,26 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
         (not for CG / LiSSA influence functions, whose training kernel costs ``n_train``
         iterative solves).
 
+    progress : Progress or None
+        Told of one step for the ground truth, one for the full-data model and the TRAK
+        members, one per method and one for the reference kernel (with ``fidelity``).
+
     Returns
     -------
     dict
         ``rows`` (method, LDS, tau, seconds), ``retrainer``, ``full_model``, accuracies.
     """
+    from .progress import ensure
+
+    progress = ensure(progress)
+    progress.step("attribution", f"LDS ground truth: {n_subsets} models on random halves "
+                  "(shared with the trak section when cached)")
     t0 = time.perf_counter()
     ret = SubsetRetrainer(model, n_subsets=n_subsets, cache_dir=cache_dir,
                           random_state=random_state, verbose=verbose).fit(Xtr, ytr)
     t_ret = time.perf_counter() - t0
+    progress.step("attribution", f"train the full-data network (recording checkpoints) and "
+                  f"{n_models} TRAK members")
     full = clone(model).set_params(callbacks=[TrajectoryRecorder()]).fit(Xtr, ytr)
     store = None if cache_dir is None else os.path.join(cache_dir, "trak_members")
     members = TRAK(model, n_models=n_models, projection_dim=8, store=store,
@@ -100,6 +111,7 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
     methods.append(("Grad-Cos", KernelAttribution(GradCosKernel(full, labels="given"))))
     rows = []
     for name, est in methods:
+        progress.step("attribution", f"{name}: fit, LDS" + (", surrogate tau" if fidelity else ""))
         t = time.perf_counter()
         row = {"method": name}
         try:
@@ -118,6 +130,7 @@ def attribution_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, n_models=10, p
                 row["tau"], row["tau_error"] = float("nan"), f"{type(exc).__name__}: {exc}"
         rows.append(row)
     if fidelity:
+        progress.step("attribution", "reference: KRR surrogate on the trace NTK")
         t = time.perf_counter()
         tau = KernelSurrogate(TraceNTK(full), "krr").fit(Xtr).score(Xte, yte)
         rows.append({"method": "trace NTK (reference kernel)", "lds": float("nan"), "tau": float(tau),
@@ -138,70 +151,104 @@ def attribution_table(rows):
 
 
 def plot_attribution(rows_by_arch, path):
-    """LDS and surrogate tau per method, one panel per architecture (shared y-range)."""
-    import matplotlib
+    """LDS and surrogate tau per method, one panel per architecture (shared y-range).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A method without a value (not run, or failed) gets no bar and an "n/a" mark, never a bar at 0.
+    """
+    from .. import plotting
 
+    plt = plotting._plt()
     n = len(rows_by_arch)
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.4), squeeze=False, sharey=True)
     for ax, (arch, rows) in zip(axes[0], rows_by_arch.items()):
         names = [r["method"] for r in rows]
         x = np.arange(len(rows))
-        lds = [r.get("lds", np.nan) for r in rows]
-        tau = [r.get("tau", np.nan) for r in rows]
-        ax.bar(x - 0.2, np.nan_to_num(lds), 0.4, label="LDS")
-        ax.bar(x + 0.2, np.nan_to_num(tau), 0.4, label="surrogate Kendall tau")
+        for off, key, label in ((-0.2, "lds", "LDS"), (0.2, "tau", "surrogate Kendall tau (KRR)")):
+            v = np.array([r.get(key, np.nan) for r in rows], dtype=float)
+            ok = np.isfinite(v)
+            ax.bar(x[ok] + off, v[ok], 0.4, label=label, color="C0" if key == "lds" else "C1")
+            for xi in x[~ok]:
+                ax.text(xi + off, 0.01, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
         ax.set_title(arch)
-        ax.set_ylabel("score")
+        ax.set_xlabel("attribution method")
         ax.axhline(0, color="k", lw=0.6)
-        ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("score (LDS: Spearman; tau: Kendall)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return plotting.save(fig, path)
 
 
-def attribution_report(outdir, random_state=0, quick=False, verbose=0):
+#: LDS ground truth and TRAK members as in the trak section (shared through OUT/cache);
+#: influence-function solvers per run size.
+SOLVERS = {"tiny": ("ekfac",), "quick": ("ekfac",), "default": ("ekfac",), "full": ("cg", "ekfac")}
+
+
+def n_steps(size):
+    """Progress steps of this section at ``size``."""
+    # ground truth, members, TRAK-1, TRAK-M, TracIn, HYDRA, IF per solver, Grad-Cos, reference, plots
+    return 2 + 4 + len(SOLVERS[size]) + 1 + 1 + 1
+
+
+def attribution_report(outdir, *, random_state=0, size="default", progress=None, verbose=0):
     """The attribution section of ``python -m skattr``: every method's LDS and kernel fidelity
-    on digits (MLP).  Writes ``attribution.md`` and ``attribution_methods.png``."""
-    from .trak import digits_split, make_mlp, template
+    on digits (MLP).  Writes ``attribution_methods.png``; returns a
+    :class:`~skattr.reports.document.Section`."""
+    from .document import Section
+    from .progress import ensure
+    from .trak import SIZES, report_split
 
+    progress = ensure(progress)
+    cfg = SIZES[size]
     os.makedirs(outdir, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t0 = time.perf_counter()
-        n_train, n_test = (300, 60) if quick else (500, 100)
-        Xtr, ytr, Xte, yte, _, _ = digits_split(n_train=n_train, n_test=n_test, random_state=random_state)
-        model = template(make_mlp(64, 2, seed=random_state), epochs=15, lr=0.1, batch_size=128,
-                         random_state=random_state)
-        res = attribution_study(model, Xtr, ytr, Xte, yte, n_subsets=10 if quick else 20,
-                                n_models=5 if quick else 10, projection_dim=1024,
-                                solvers=("cg", "ekfac"),
-                                cache_dir=os.path.join(os.path.dirname(outdir), "cache"),
-                                random_state=random_state, verbose=verbose)
-        fig = plot_attribution({"MLP 64-64-64-10": res["rows"]},
-                               os.path.join(outdir, "attribution_methods.png"))
-        md = ["## Attribution methods compared (digits, MLP)", "",
-              f"{n_train} training / {n_test} test digits; LDS against {res['retrainer'].n_subsets} "
-              f"models retrained on random halves; surrogate tau: Kendall tau of a kernel-ridge "
-              f"surrogate on each method's kernel (test accuracy of the network "
-              f"{res['test_accuracy']:.3f}).", "", attribution_table(res["rows"]), ""]
-        with open(os.path.join(outdir, "attribution.md"), "w") as f:
-            f.write("\n".join(md) + "\n")
-        best = max((r for r in res["rows"] if np.isfinite(r.get("lds", np.nan))), key=lambda r: r["lds"])
-        return {
-            "lds": ", ".join(f"{r['method']} {r['lds']:.3f}" for r in res["rows"]
-                             if np.isfinite(r.get("lds", np.nan))),
-            "surrogate_tau": ", ".join(f"{r['method']} {r['tau']:.3f}" for r in res["rows"]
-                                       if np.isfinite(r.get("tau", np.nan))),
-            "best": f"{best['method']} (LDS {best['lds']:.3f})",
-            "table": os.path.join(outdir, "attribution.md"),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "figures": [fig],
-        }
+        (Xtr, ytr, Xte, yte, _, _), model = report_split(size, random_state)
+        M = max(cfg["ensembles"])
+        res = attribution_study(model, Xtr, ytr, Xte, yte, n_subsets=cfg["n_subsets"], n_models=M,
+                                projection_dim=cfg["k"], solvers=SOLVERS[size], exact_max_params=0,
+                                cache_dir=os.path.join(os.path.dirname(os.path.abspath(outdir)), "cache"),
+                                random_state=random_state, verbose=verbose, progress=progress)
+        progress.step("attribution", "plots")
+        path = plot_attribution({"MLP 64-64-64-10, digits": res["rows"]},
+                                os.path.join(outdir, "attribution_methods.png"))
     finally:
         torch.set_num_threads(threads)
+    sec = Section(
+        "attribution", "Attribution methods compared",
+        "Every attribution method scores each training digit's effect on each test prediction; the "
+        "LDS says how well those scores predict models retrained on random halves, and the "
+        "surrogate tau how faithful a kernel machine on the method's own kernel is to the network.")
+    sec.networks = [("MLP 64-64-64-10, trained on all the training digits (recording epoch "
+                     "checkpoints for TracIn)", res["test_accuracy"])]
+    ok = [r for r in res["rows"] if np.isfinite(r.get("lds", np.nan))]
+    best = max(ok, key=lambda r: r["lds"]) if ok else None
+    sec.summary.append("LDS per method: " + ", ".join(f"{r['method']} {r['lds']:.3f}" for r in ok)
+                       + (f"; the highest: {best['method']}." if best else "."))
+    failed = [r for r in res["rows"] if "error" in r]
+    if failed:
+        sec.summary.append("Failed here: " + "; ".join(f"{r['method']} ({r['error']})" for r in failed) + ".")
+    sec.data["lds"] = {r["method"]: r["lds"] for r in ok}
+    sec.data["tau"] = {r["method"]: r["tau"] for r in res["rows"] if np.isfinite(r.get("tau", np.nan))}
+    solvers = ", ".join(s.upper().replace("EKFAC", "EK-FAC") for s in SOLVERS[size])
+    sec.text(f"The trak section's split and network ({cfg['n_train']} training, {cfg['n_test']} test "
+             f"digits; LDS against the same {res['retrainer'].n_subsets} retrained models). TRAK-1 "
+             f"runs on the network trained on all the data, TRAK-{M} on {M} models trained on random "
+             f"halves. Influence functions: solver {solvers} at this size"
+             + (" (CG with --full)." if "cg" not in SOLVERS[size] else ".")
+             + " '-': not computed (HYDRA and Grad-Cos define no surrogate kernel here; "
+             "iterative solvers would need one solve per training digit).")
+    rows = []
+    for r in res["rows"]:
+        lds = f"{r['lds']:.3f}" if np.isfinite(r.get("lds", np.nan)) else "-"
+        tau = f"{r['tau']:.3f}" if np.isfinite(r.get("tau", np.nan)) else "-"
+        note = r.get("error") or r.get("tau_error") or ""
+        rows.append([r["method"], lds, tau, f"{r['seconds']:.1f}", note])
+    sec.table("LDS and surrogate fidelity per method", ["method", "LDS", "surrogate tau (KRR)",
+                                                         "seconds", "error"], rows)
+    sec.figure(path, "LDS (blue) and the Kendall tau of a KRR surrogate on each method's kernel "
+                     "(orange) per method; n/a: not computed.")
+    return sec

@@ -113,74 +113,72 @@ def mislabel_scores(lk, y_given, loss_at_w):
     }
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _heatmap(ax, K, labels, title):
-    order = np.argsort(labels, kind="stable")
-    im = ax.imshow(K[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-    bounds = np.flatnonzero(np.diff(np.asarray(labels)[order])) + 0.5
-    for b in bounds:
-        ax.axhline(b, color="k", lw=0.4)
-        ax.axvline(b, color="k", lw=0.4)
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return im
+#: multitask points, training epochs, SGLD chains and draws (multitask, digits), digits probed.
+SIZES = {
+    "tiny": dict(n_mt=200, mt_epochs=30, mt_chains=2, mt_draws=60, d_chains=2, d_draws=40, n_probe=150),
+    "quick": dict(n_mt=400, mt_epochs=40, mt_chains=2, mt_draws=100, d_chains=2, d_draws=80, n_probe=300),
+    "default": dict(n_mt=400, mt_epochs=40, mt_chains=2, mt_draws=100, d_chains=2, d_draws=80, n_probe=300),
+    "full": dict(n_mt=600, mt_epochs=60, mt_chains=3, mt_draws=150, d_chains=3, d_draws=120, n_probe=500),
+}
 
 
-def loss_kernel_report(outdir, random_state=0, quick=False):
-    """Run the loss-kernel section of the main job; write PNGs; return the key figures.
+def n_steps(size):
+    """Progress steps of this section at ``size``."""
+    return 5
+
+
+def loss_kernel_report(outdir, *, random_state=0, size="default", progress=None, verbose=0):
+    """Run the loss-kernel section of the main job; write PNGs; return a
+    :class:`~skattr.reports.document.Section`.
 
     Parameters
     ----------
     outdir : str
         Folder for the PNG files (created).
     random_state : int, default=0
-    quick : bool, default=False
-        Smaller problems and fewer draws (a smoke run).
-
-    Returns
-    -------
-    dict
-        Scalars (ARI of the task clustering, Spearman correlations, timings) and ``figures``, the
-        list of PNG paths.
+    size : {"tiny", "quick", "default", "full"}, default="default"
+        Problem sizes and SGLD draws (:data:`SIZES`).
+    progress : Progress or None
     """
     from sklearn.decomposition import KernelPCA
 
+    from .. import plotting
     from ..datasets import digit_groups_distance, load_digits_images, make_multitask
     from ..estimators.loss_kernel import LossKernel
+    from .document import Section
+    from .progress import ensure
 
-    plt = _plt()
+    progress = ensure(progress)
+    cfg = SIZES[size]
+    plt = plotting._plt()
     os.makedirs(outdir, exist_ok=True)
     seed = int(random_state)
-    t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         # ---- multitask: block-diagonal by task
-        n_mt = 400 if quick else 600
-        X, y, task = make_multitask(n_mt, n_tasks=4, n_bits=8, k=2, interleave=True,
+        progress.step("loss", f"multitask set ({cfg['n_mt']} points, 4 tasks): train an MLP")
+        X, y, task = make_multitask(cfg["n_mt"], n_tasks=4, n_bits=8, k=2, interleave=True,
                                     random_state=seed)
-        model = train_mlp(X, y, 8, epochs=40 if quick else 60, seed=seed)
-        sg = dict(MULTITASK_SGLD, n_draws=100 if quick else 150, n_chains=2 if quick else 3)
+        model = train_mlp(X, y, 8, epochs=cfg["mt_epochs"], seed=seed)
+        mt_acc = float((model.predict(X) == y).mean())
+        progress.step("loss", f"multitask: SGLD, {cfg['mt_chains']} chains x {cfg['mt_draws']} draws")
+        sg = dict(MULTITASK_SGLD, n_draws=cfg["mt_draws"], n_chains=cfg["mt_chains"])
         lk_mt = LossKernel(model, **sg, random_state=seed).fit(X, y)
         ari_abs, _ = cluster_ari(np.abs(lk_mt.kernel_), task, 4)
         ari_clip, _ = cluster_ari(np.clip(lk_mt.kernel_, 0, None), task, 4)
 
         # ---- digits: heat map, embedding, visual grouping
+        progress.step("loss", "digits: train an MLP on all 1,797 digits")
         Xd, yd = load_digits_images(as_images=False)
         dmodel = train_mlp(Xd, yd, 10, epochs=10, lr=0.05, batch_size=64, seed=seed)
+        d_acc = float(dmodel.score(Xd, yd))
         rng = np.random.RandomState(seed)
-        n_probe = 300 if quick else 500
+        n_probe = cfg["n_probe"]
         idx = np.sort(rng.choice(len(Xd), n_probe, replace=False))
-        lk_d = LossKernel(dmodel, n_chains=2 if quick else 3, n_draws=80 if quick else 120,
+        progress.step("loss", f"digits: SGLD, {cfg['d_chains']} chains x {cfg['d_draws']} draws, "
+                      f"kernel on {n_probe} digits")
+        lk_d = LossKernel(dmodel, n_chains=cfg["d_chains"], n_draws=cfg["d_draws"],
                           burn_in=100, thin=4, step_size=1e-3, localization=100.0,
                           random_state=seed).fit(Xd[idx], yd[idx], X_sample=Xd, y_sample=yd)
         Kd = lk_d.kernel_
@@ -192,62 +190,87 @@ def loss_kernel_report(outdir, random_state=0, quick=False):
         Z = KernelPCA(2, kernel="precomputed").fit_transform(Kd)
         same = yd[idx][:, None] == yd[idx][None, :]
         off = ~np.eye(n_probe, dtype=bool)
+        ari_d, _ = cluster_ari(np.clip(Kd, 0, None), yd[idx], 10)
 
         # ---- figures
-        figs = []
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.3))
-        _heatmap(axes[0], lk_mt.kernel_, task, f"multitask: correlation sorted by task\n"
-                 f"(rows shuffled in the data; ARI |K| = {ari_abs:.2f})")
-        im = _heatmap(axes[1], Kd, yd[idx], "digits: correlation sorted by class")
-        fig.colorbar(im, ax=axes, shrink=0.8)
+        progress.step("loss", "plots")
+        sec = Section(
+            "loss", "The loss kernel",
+            "The loss kernel is the correlation of two inputs' losses as the weights are sampled "
+            "near the trained ones (SGLD): inputs the network handles with the same weights move "
+            "together.")
+        sec.networks = [(f"MLP {X.shape[1]}-128-8 on the multitask set (training accuracy)", mt_acc),
+                        ("MLP 64-128-10 on all digits (training accuracy; the kernel needs no test set)", d_acc)]
+        sec.summary.append(
+            f"On a set of 4 interleaved tasks, spectral clustering of |K| recovers the tasks with "
+            f"ARI {ari_abs:.2f}; on digits the mean correlation is {Kd[same & off].mean():.2f} "
+            f"within a class against {Kd[~same].mean():.2f} across classes (clustering max(K, 0) "
+            f"into 10 groups: ARI {ari_d:.2f} against the classes).")
+        sec.data.update({"multitask_ari_abs": ari_abs, "multitask_ari_clip": ari_clip,
+                         "digits_ari_clip": ari_d,
+                         "digits_same_class": float(Kd[same & off].mean()),
+                         "digits_other_class": float(Kd[~same].mean()),
+                         "digits_spearman_tree": rho_signed, "digits_spearman_tree_abs": rho_abs,
+                         "diverged": [int(lk_mt.diverged_.sum()), int(lk_d.diverged_.sum())]})
+        sec.table("What the loss kernel found", ["measure", "value"], [
+            ["multitask: ARI of spectral clustering of |K| against the 4 tasks", f"{ari_abs:.3f}"],
+            ["multitask: ARI of spectral clustering of max(K, 0)", f"{ari_clip:.3f}"],
+            ["digits: mean correlation, same class / different class",
+             f"{Kd[same & off].mean():.3f} / {Kd[~same].mean():.3f}"],
+            ["digits: ARI of spectral clustering of max(K, 0) against the 10 classes", f"{ari_d:.3f}"],
+            ["digits: Spearman, class-mean K vs distance in a visual grouping of the digits",
+             f"{rho_signed:.3f}"],
+            ["digits: loss at the trained weights -> mean over SGLD draws",
+             f"{lk_d.init_loss_:.3g} -> {np.nanmean(lk_d.draw_losses_):.3g}"],
+            ["chains that diverged (multitask, digits)",
+             f"{int(lk_mt.diverged_.sum())}, {int(lk_d.diverged_.sum())}"],
+        ])
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6))
+        plotting.plot_kernel_heatmap(lk_mt.kernel_, task, ax=axes[0], cmap="RdBu_r", vmin=-1, vmax=1,
+                                     title="multitask: sorted by task", cbar_label="loss correlation",
+                                     axis_label="task")
+        plotting.plot_kernel_heatmap(Kd, yd[idx], ax=axes[1], cmap="RdBu_r", vmin=-1, vmax=1,
+                                     title="digits: sorted by class", cbar_label="loss correlation",
+                                     axis_label="digit class")
         p = os.path.join(outdir, "loss_kernel_heatmaps.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        figs.append(p)
+        plotting.save(fig, p)
+        sec.figure(p, "The loss kernel (correlation) sorted by task (left; the rows are shuffled in "
+                      "the data) and by digit class (right). Red blocks on the diagonal: inputs of "
+                      "a task or class move together under the weight posterior.")
 
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        sc = ax.scatter(Z[:, 0], Z[:, 1], c=yd[idx], cmap="tab10", s=8)
+        fig, ax = plt.subplots(figsize=(5.6, 4.6))
+        sc = ax.scatter(Z[:, 0], Z[:, 1], c=yd[idx], cmap="tab10", s=8, vmin=-0.5, vmax=9.5)
         for c in range(10):
             m = yd[idx] == c
             ax.annotate(str(c), Z[m].mean(0), fontsize=11, weight="bold")
+        ax.set_xlabel("kernel PCA component 1")
+        ax.set_ylabel("kernel PCA component 2")
         ax.set_title("digits: KernelPCA of the loss kernel", fontsize=9)
-        fig.colorbar(sc, ax=ax, ticks=range(10))
+        cb = fig.colorbar(sc, ax=ax, ticks=range(10))
+        cb.set_label("digit class")
         p = os.path.join(outdir, "loss_kernel_embedding.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        figs.append(p)
+        plotting.save(fig, p)
+        sec.figure(p, "Two-dimensional kernel PCA of the digits' loss kernel, coloured by class "
+                      "(the bold digit marks each class's mean).")
 
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, lk, name in ((axes[0], lk_mt, "multitask"), (axes[1], lk_d, "digits")):
             for c, tr in enumerate(lk.loss_traces_):
                 ax.plot(tr, lw=0.6, label=f"chain {c}")
-            ax.axhline(lk.init_loss_, color="k", ls="--", lw=0.8, label="loss at w*")
-            ax.axvline(lk.burn_in, color="grey", ls=":", lw=0.8)
+            ax.axhline(lk.init_loss_, color="k", ls="--", lw=0.8, label="loss at the trained weights")
+            ax.axvline(lk.burn_in, color="grey", ls=":", lw=0.8, label="end of burn-in")
             ax.set_yscale("log")
             ax.set_xlabel("SGLD step")
+            ax.set_ylabel("mini-batch loss (log scale)")
             ax.set_title(f"{name}: mini-batch loss per chain", fontsize=9)
-        axes[0].legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
         p = os.path.join(outdir, "loss_kernel_traces.png")
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        figs.append(p)
+        plotting.save(fig, p)
+        sec.figure(p, "The SGLD chains' mini-batch loss: after burn-in it should hover a little "
+                      "above the trained weights' loss, neither drifting away nor diverging.")
     finally:
         torch.set_num_threads(threads)
-    return {
-        "multitask ARI (spectral clustering of |K|, 4 tasks, shuffled rows)": round(ari_abs, 3),
-        "multitask ARI (spectral clustering of max(K, 0))": round(ari_clip, 3),
-        "digits mean correlation same class / different class": (
-            f"{Kd[same & off].mean():.3f} / {Kd[~same].mean():.3f}"
-        ),
-        "digits Spearman(class-mean K, group tree distance)": round(rho_signed, 3),
-        "digits Spearman(class-mean |K|, group tree distance)": round(rho_abs, 3),
-        "SGLD loss at w* -> mean over draws (digits)": (
-            f"{lk_d.init_loss_:.3g} -> {np.nanmean(lk_d.draw_losses_):.3g}"
-        ),
-        "chains diverged (multitask, digits)": (
-            f"{int(lk_mt.diverged_.sum())}, {int(lk_d.diverged_.sum())}"
-        ),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "figures": figs,
-    }
+    return sec

@@ -86,27 +86,36 @@ def template(module, *, epochs=30, lr=0.05, weight_decay=5e-4, batch_size=64, ra
 
 # ------------------------------------------------------------------------------------- LDS
 def lds_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, ensembles=(1, 5, 10), dims=(2048,),
-              ridge=1.0, gradcos=True, extra_dims=(), cache_dir=None, random_state=0, verbose=0):
+              ridge=1.0, gradcos=True, extra_dims=(), cache_dir=None, random_state=0, verbose=0,
+              progress=None):
     """LDS of TRAK-M for every M in ``ensembles`` and projection_dim in ``dims``, and of Grad-Cos.
 
     Returns a dict: ``rows`` (method, n_models, projection_dim, lds, seconds), ``retrainer``,
-    ``members`` (the largest ensemble's models, trained on random halves) and ``full_model``
-    (trained on the whole training set; Grad-Cos uses it).  ``extra_dims`` adds skattr-only rows
-    at further projection sizes (``None``: exact TRAK).
+    ``members`` (the largest ensemble's models, trained on random halves), ``full_model``
+    (trained on the whole training set; Grad-Cos uses it) and ``trak`` (the fitted TRAK of the
+    largest ensemble at the first projection size).  ``extra_dims`` adds skattr-only rows at
+    further projection sizes (``None``: exact TRAK).  ``progress`` (a
+    :class:`~skattr.reports.progress.Progress`) is told of 3 steps.
     """
+    from .progress import ensure
+
+    progress = ensure(progress)
+    progress.step("trak", f"LDS ground truth: train {n_subsets} models on random halves")
     t0 = time.perf_counter()
     ret = SubsetRetrainer(model, n_subsets=n_subsets, cache_dir=cache_dir,
                           random_state=random_state, verbose=verbose).fit(Xtr, ytr)
     t_ret = time.perf_counter() - t0
     Mmax = max(ensembles)
     store = None if cache_dir is None else os.path.join(cache_dir, "trak_members")
+    progress.step("trak", f"train {Mmax} TRAK member models on random halves")
     t0 = time.perf_counter()
     # members are seeded by index: the first M of a Mmax-ensemble are the M-ensemble
     big = TRAK(model, n_models=Mmax, projection_dim=8, store=store, random_state=random_state + 1,
                verbose=verbose)
     members = big.fit(Xtr, ytr).models_
     t_members = time.perf_counter() - t0
-    rows = []
+    progress.step("trak", f"TRAK with {', '.join(map(str, ensembles))} models, Grad-Cos: LDS")
+    rows, fitted = [], None
     for k in tuple(dims) + tuple(extra_dims):
         for M in ensembles:
             t = time.perf_counter()
@@ -116,6 +125,8 @@ def lds_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, ensembles=(1, 5, 10), 
             rows.append({"method": f"skattr TRAK-{M}", "library": "skattr", "n_models": M,
                          "projection_dim": k, "ridge": ridge, "lds": lds,
                          "seconds": time.perf_counter() - t})
+            if M == Mmax and fitted is None:
+                fitted = tr
     full = clone(model).fit(Xtr, ytr)
     if gradcos:
         t = time.perf_counter()
@@ -128,7 +139,7 @@ def lds_study(model, Xtr, ytr, Xte, yte, *, n_subsets=50, ensembles=(1, 5, 10), 
     rows.append({"method": "skattr TRAK-1 (full-data model)", "library": "skattr", "n_models": 1,
                  "projection_dim": max(dims), "ridge": ridge, "lds": ret.score(tr, Xte, yte),
                  "seconds": time.perf_counter() - t})
-    return {"rows": rows, "retrainer": ret, "members": members, "full_model": full,
+    return {"rows": rows, "retrainer": ret, "members": members, "full_model": full, "trak": fitted,
             "retrain_seconds": t_ret, "member_seconds": t_members,
             "test_accuracy": float(full.score(Xte, yte)),
             "member_accuracy": float(np.mean([m.score(Xte, yte) for m in members]))}
@@ -170,14 +181,15 @@ def plot_lds(rows_by_arch, path):
         ax.set_ylabel("LDS (Spearman, mean over test points)")
         ax.set_title(f"{arch} on digits", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the panel: a legend inside would cover the lines
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     return plotting.save(fig, path)
 
 
 # --------------------------------------------------------------------------------- concept
 def concept_study(model, Xtr, ytr, Xprobe, yprobe, *, concept_digits=CLOSED_LOOP, layers=None,
                   fractions=(0.05, 0.1, 0.2), n_seeds=3, projection_dim=2048, ridge=1.0,
-                  probe_C=0.1, penalty="l1", random_state=0, verbose=0):
+                  probe_C=0.1, penalty="l1", random_state=0, verbose=0, progress=None):
     """Probe the concept per layer, attribute the best probe with TRAK, remove and retrain.
 
     ``model`` is the training template; it is fitted on ``(Xtr, ytr)`` here.  The concept label of
@@ -187,6 +199,10 @@ def concept_study(model, Xtr, ytr, Xprobe, yprobe, *, concept_digits=CLOSED_LOOP
     among the top-k, per fraction, vs the base rate), and ``rar`` (the
     :func:`~skattr.estimators.concept.remove_and_retrain` result).
     """
+    from .progress import ensure
+
+    progress = ensure(progress)
+    progress.step("trak", "concept: probes per layer, TRAK attribution of the best probe")
     c_tr = np.isin(ytr, concept_digits).astype(int)
     c_pr = np.isin(yprobe, concept_digits).astype(int)
     full = clone(model).fit(Xtr, ytr)
@@ -202,6 +218,8 @@ def concept_study(model, Xtr, ytr, Xprobe, yprobe, *, concept_digits=CLOSED_LOOP
     t_attr = time.perf_counter() - t
     order = np.argsort(-scores)
     share = {f: float(c_tr[order[: int(round(f * len(c_tr)))]].mean()) for f in fractions}
+    progress.step("trak", f"concept: remove the top {', '.join(f'{f:.0%}' for f in fractions)} and "
+                  f"as many random examples, retrain ({n_seeds} seeds)")
     rar = remove_and_retrain(model, Xtr, ytr, c_tr, scores, fractions=fractions, n_seeds=n_seeds,
                              probe=probe_t, X_probe=Xprobe, concept_probe=c_pr,
                              random_state=random_state, verbose=verbose)
@@ -266,70 +284,145 @@ def plot_concept(result, path, title="closed-loop concept"):
         ax.grid(alpha=0.3)
         if key == "accuracy":
             ax.axhline(result["chance"], color="gray", ls=":", label="majority class")
-            ax.legend(fontsize=7)
+            handles, labels = ax.get_legend_handles_labels()
+    # one legend for both panels, below them (inside it would cover the points)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(labels) // 4), 1, 1))
     fig.suptitle(f"{title}: probes per layer before / after remove-and-retrain "
                  f"(mean ± std over seeds)", fontsize=10)
     return plotting.save(fig, path)
 
 
 # ----------------------------------------------------------------------------- main job
-def trak_report(outdir, random_state=0, quick=False, verbose=0):
-    """The TRAK section of ``python -m skattr``: LDS vs number of models, concept study.
+#: training / test digits, LDS ground-truth models, ensemble sizes, projection size, concept
+#: probing set, removed fractions and seeds, per run size.
+SIZES = {
+    "tiny": dict(n_train=150, n_test=40, n_subsets=6, ensembles=(1, 2), k=256, n_probe=150,
+                 fractions=(0.2,), n_seeds=1),
+    "quick": dict(n_train=300, n_test=60, n_subsets=10, ensembles=(1, 2, 5), k=1024, n_probe=300,
+                  fractions=(0.2,), n_seeds=2),
+    "default": dict(n_train=500, n_test=100, n_subsets=20, ensembles=(1, 2, 5, 10), k=1024,
+                    n_probe=500, fractions=(0.1, 0.2), n_seeds=2),
+    "full": dict(n_train=500, n_test=100, n_subsets=50, ensembles=(1, 2, 5, 10), k=1024,
+                 n_probe=500, fractions=(0.1, 0.2), n_seeds=3),
+}
 
-    Small sizes (well under 90 s on 2 cores; ``quick`` smaller still).  Writes
-    ``lds_vs_models.png``, ``concept_probes.png`` and ``trak.md`` to ``outdir``; returns a
-    summary dict with the figures' paths under ``"figures"``.
+
+def n_steps(size):
+    """Progress steps of this section at ``size``."""
+    return 6
+
+
+def report_split(size, random_state=0):
+    """The digits split and training template the ``trak`` and ``attribution`` sections share
+    (so their LDS ground truth is trained once, in ``OUT/cache``)."""
+    cfg = SIZES[size]
+    split = digits_split(n_train=cfg["n_train"], n_test=cfg["n_test"], random_state=random_state)
+    # a short recipe (few, large steps): training dominates the cost of these sections
+    model = template(make_mlp(64, 2, seed=random_state), epochs=15, lr=0.1, batch_size=128,
+                     random_state=random_state)
+    return split, model
+
+
+def trak_report(outdir, *, random_state=0, size="default", progress=None, verbose=0):
+    """The TRAK section of ``python -m skattr``: LDS vs number of models, top proponents, concept
+    attribution.  Writes its PNGs to ``outdir``; returns a :class:`~skattr.reports.document.Section`.
     """
     os.makedirs(outdir, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: extra threads only add synchronisation overhead
     try:
-        return _report(outdir, random_state, quick, verbose)
+        return _report(outdir, random_state, size, progress, verbose)
     finally:
         torch.set_num_threads(threads)
 
 
-def _report(outdir, random_state, quick, verbose):
-    t0 = time.perf_counter()
-    n_train, n_test = (300, 60) if quick else (500, 100)
-    ens = (1, 2, 5) if quick else (1, 2, 5, 10)
-    Xtr, ytr, Xte, yte, Xr, yr = digits_split(n_train=n_train, n_test=n_test, random_state=random_state)
-    # a short recipe (few, large steps): training dominates the cost of this section
-    model = template(make_mlp(64, 2, seed=random_state), epochs=15, lr=0.1, batch_size=128,
-                     random_state=random_state)
-    lds = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=10 if quick else 20, ensembles=ens,
-                    dims=(1024,), ridge=1.0, random_state=random_state, verbose=verbose)
-    fig1 = plot_lds({"MLP 64-64-64-10": lds["rows"]}, os.path.join(outdir, "lds_vs_models.png"))
-    Xp, yp = (Xr[:300], yr[:300]) if quick else (Xr[:500], yr[:500])
-    conc = concept_study(model, Xtr, ytr, Xp, yp, layers=["1", "3", "4"],
-                         fractions=(0.2,) if quick else (0.1, 0.2), n_seeds=2,
-                         projection_dim=1024, random_state=random_state, verbose=verbose)
-    fig2 = plot_concept(conc, os.path.join(outdir, "concept_probes.png"))
-    md = [
-        "## TRAK: linear datamodeling score on digits (MLP)", "",
-        f"{n_train} training / {n_test} test digits; ground truth: {lds['retrainer'].n_subsets} "
-        f"models retrained on random halves; TRAK members trained on random halves.", "",
-        lds_table(lds["rows"]), "",
-        "## Concept attribution: digit with a closed loop (0, 6, 8, 9)", "",
-        f"Best probe layer {conc['best_layer']}; TRAK of the probe ranks concept digits first: "
-        + ", ".join(f"top {f:.0%}: {s:.0%} closed-loop" for f, s in conc["top_concept_share"].items())
-        + f" (base rate {conc['base_rate']:.0%}).", "",
-        concept_table(conc), "",
-    ]
-    with open(os.path.join(outdir, "trak.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    skattr_rows = [r for r in lds["rows"] if r["method"].startswith("skattr TRAK-") and "full" not in r["method"]]
+def _report(outdir, random_state, size, progress, verbose):
+    from .. import plotting
+    from .document import Section
+    from .progress import ensure
+
+    progress = ensure(progress)
+    cfg = SIZES[size]
+    (Xtr, ytr, Xte, yte, Xr, yr), model = report_split(size, random_state)
+    lds = lds_study(model, Xtr, ytr, Xte, yte, n_subsets=cfg["n_subsets"], ensembles=cfg["ensembles"],
+                    dims=(cfg["k"],), ridge=1.0, random_state=random_state, verbose=verbose,
+                    cache_dir=os.path.join(os.path.dirname(os.path.abspath(outdir)), "cache"),
+                    progress=progress)
+    Xp, yp = Xr[: cfg["n_probe"]], yr[: cfg["n_probe"]]
+    conc = concept_study(model, Xtr, ytr, Xp, yp, layers=["1", "3", "4"], fractions=cfg["fractions"],
+                         n_seeds=cfg["n_seeds"], projection_dim=cfg["k"], random_state=random_state,
+                         verbose=verbose, progress=progress)
+    progress.step("trak", "plots and examples")
+    net = "MLP 64-64-64-10"
+    sec = Section(
+        "trak", "TRAK, LDS and concepts",
+        "TRAK scores how much each training example raised the network's output (the margin of "
+        "the true class) on a test input, from randomly projected gradients of one or several "
+        "models; the LDS checks those scores against models actually retrained on random halves "
+        "of the training set.")
+    sec.networks = [(f"{net}, trained on all {cfg['n_train']} training digits", lds["test_accuracy"]),
+                    (f"{net}, the TRAK members (each on a random half; mean)", lds["member_accuracy"])]
+    trak_rows = [r for r in lds["rows"] if r["method"].startswith("skattr TRAK-") and "full" not in r["method"]]
     gc = [r for r in lds["rows"] if r["method"].startswith("Grad-Cos")]
-    top = conc["rar"]["summary"]
-    best_after = sorted({(s["fraction"], s["best_layer"]) for s in top if s["condition"] == "top"})
-    return {
-        "lds": ", ".join(f"TRAK-{r['n_models']} {r['lds']:.3f}" for r in skattr_rows)
-        + (f", Grad-Cos {gc[0]['lds']:.3f}" if gc else ""),
-        "concept_best_layer_before": conc["best_layer"],
-        "concept_best_layer_after_top_k": ", ".join(f"{f:.0%}: {b}" for f, b in best_after),
-        "concept_top_k_share": ", ".join(f"{f:.0%}: {s:.2f}" for f, s in conc["top_concept_share"].items())
-        + f" (base {conc['base_rate']:.2f})",
-        "table": os.path.join(outdir, "trak.md"),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "figures": [fig1, fig2],
-    }
+    full1 = [r for r in lds["rows"] if "full-data" in r["method"]]
+    sec.summary.append(
+        "LDS of TRAK by number of models: "
+        + ", ".join(f"{r['n_models']}: {r['lds']:.3f}" for r in trak_rows)
+        + (f"; TRAK on the one network trained on all the data: {full1[0]['lds']:.3f}" if full1 else "")
+        + (f"; Grad-Cos: {gc[0]['lds']:.3f}" if gc else "") + ".")
+    share = conc["top_concept_share"]
+    sec.summary.append(
+        "Concept 'closed loop' (digits 0, 6, 8, 9): TRAK's top-ranked training digits for the concept "
+        "probe are " + ", ".join(f"{s:.0%} closed-loop in the top {f:.0%}" for f, s in share.items())
+        + f" (base rate {conc['base_rate']:.0%}).")
+    sec.data.update({"lds": {r["method"].replace("skattr ", ""): r["lds"] for r in lds["rows"]},
+                     "concept_top_share": {f"{f:g}": s for f, s in share.items()},
+                     "concept_base_rate": conc["base_rate"]})
+    sec.text(f"{cfg['n_train']} training and {cfg['n_test']} test digits; {net} (SGD, 15 epochs). "
+             f"Ground truth: {lds['retrainer'].n_subsets} models retrained on random halves. TRAK-M "
+             f"uses M models, each trained on its own random half; projection size k = {cfg['k']}.")
+    rows = []
+    for r in lds["rows"]:
+        name = r["method"].replace("skattr ", "")
+        if "full-data" in name:
+            name = "TRAK-1, the network trained on all the data"
+        elif name.startswith("TRAK-"):
+            name += " (members on random halves)"
+        rows.append([name, r["n_models"], "exact" if r["projection_dim"] is None else r["projection_dim"],
+                     f"{r['lds']:.3f}", f"{r['seconds']:.1f}"])
+    sec.table("LDS of TRAK and Grad-Cos", ["method", "models", "projection size k", "LDS", "seconds"], rows)
+    path = plot_lds({net: lds["rows"]}, os.path.join(outdir, "lds_vs_models.png"))
+    sec.figure(path, "LDS against the number of models in the TRAK ensemble (grey dotted: Grad-Cos).")
+    # examples: the training digits TRAK ranks highest for a few test digits
+    n_show, k_show = 5, 6
+    top = lds["trak"].top_k(Xte[:n_show], yte[:n_show], k=k_show)
+    fig = plotting.plot_top_k_images(Xte[:n_show], Xtr, top.proponents, image_shape=(8, 8),
+                                     y_test=yte[:n_show], y_train=ytr)
+    path = os.path.join(outdir, "trak_top_proponents.png")
+    plotting.save(fig, path)
+    same = float((ytr[lds["trak"].top_k(Xte, yte, k=5).proponents] == yte[:, None]).mean())
+    sec.figure(path, f"Five test digits (left, red title: true label y) and the {k_show} training digits "
+                     f"TRAK-{max(cfg['ensembles'])} ranks as most helpful (index #, label y). Over all "
+                     f"{len(Xte)} test digits, {same:.0%} of the top-5 share the test digit's label.")
+    sec.data["top5_same_label"] = same
+    # the concept study, in words and one table
+    sec.text(f"Concept attribution: a sparse linear probe reads 'closed loop' (digits 0, 6, 8, 9) from "
+             f"each layer's activations on {len(Xp)} held-out digits; the best layer is "
+             f"{conc['best_layer']}. TRAK attributes that probe's output to the training digits; "
+             f"removing the top-ranked ones and retraining is compared with removing as many "
+             f"random ones.")
+    summ = conc["rar"]["summary"]
+    crow = []
+    for s_ in sorted(summ, key=lambda s: (s["fraction"], {"baseline": 0, "top": 1, "random": 2}[s["condition"]], s["layer"])):
+        if s_["layer"] != conc["best_layer"]:
+            continue
+        cond = {"baseline": "no removal", "top": "top-ranked by TRAK removed", "random": "random removed"}[s_["condition"]]
+        crow.append([cond, f"{s_['fraction']:.0%}", f"{s_['accuracy_mean']:.3f} ± {s_['accuracy_std']:.3f}",
+                     f"{s_['sparsity_mean']:.2f} ± {s_['sparsity_std']:.2f}"])
+    sec.table(f"Probe of layer {conc['best_layer']} after remove-and-retrain (mean ± std over seeds)",
+              ["training set", "removed", "probe accuracy", "probe sparsity (share of zero weights)"], crow)
+    path = plot_concept(conc, os.path.join(outdir, "concept_probes.png"))
+    sec.figure(path, "Probe accuracy and sparsity per layer before removal, after removing TRAK's "
+                     "top-ranked training digits and after removing as many random ones.")
+    return sec
