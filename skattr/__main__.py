@@ -133,7 +133,7 @@ def main(argv=None):
         print("\nSummary")
         for sec in sections:
             for net, acc in sec.networks:
-                print(f"  {sec.title}: {net}, test accuracy {acc:.3f}")
+                print(f"  {sec.title}: {net}, accuracy {acc:.3f}")
         for sec in sections:
             for s in sec.summary:
                 print(f"  {sec.title}: {s}")

@@ -67,8 +67,7 @@ caption{caption-side:top;text-align:left;font-weight:600;padding-bottom:0.3em}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#444;font-size:0.9em}
 .summary li{margin-bottom:0.3em} .what{font-style:italic}
-dl.glossary dt{font-weight:600;float:left;clear:left;width:11em}
-dl.glossary dd{margin-left:12em;margin-bottom:0.3em}
+table.glossary td:first-child{font-weight:600;white-space:nowrap}
 nav a{margin-right:1em}
 """
 
@@ -90,16 +89,14 @@ def render_markdown(sections, meta, root):
     lines = ["# skattr report", "", meta, "", "## Summary", ""]
     nets = _networks(sections)
     if nets:
-        lines += ["Networks trained (test accuracy on held-out digits):", ""]
+        lines += ["Networks trained (accuracy on held-out test digits unless the name says otherwise):", ""]
         lines += [f"- {name} ({title}): {acc:.3f}" for title, name, acc in nets]
         lines.append("")
     for s in sections:
         for sentence in s.summary:
             lines.append(f"- **{s.title}.** {sentence}")
-    lines += ["", "Sections: " + ", ".join(f"[{s.title}](#{s.name})" for s in sections), ""]
-    lines += ["## Glossary", ""]
-    lines += [f"- **{k}**: {v}" for k, v in GLOSSARY]
-    lines.append("")
+    lines += ["", "Sections: " + ", ".join(f"[{s.title}](#{s.name})" for s in sections)
+              + "; every abbreviation is explained in the [glossary](#glossary) at the end.", ""]
     for s in sections:
         lines += [f'<a id="{s.name}"></a>', "", f"## {s.title}", "", f"*{s.what}*", ""]
         for b in s.blocks:
@@ -117,6 +114,8 @@ def render_markdown(sections, meta, root):
                 lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
         if s.seconds is not None:
             lines += [f"(section run time {s.seconds:.0f} s)", ""]
+    lines += ['<a id="glossary"></a>', "", "## Glossary", "", "| term | meaning |", "|---|---|"]
+    lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in GLOSSARY]
     return "\n".join(lines) + "\n"
 
 
@@ -136,8 +135,9 @@ def render_html(sections, meta):
            '<h2 id="summary">Summary</h2>']
     nets = _networks(sections)
     if nets:
-        out.append("<table><caption>Networks trained (test accuracy on held-out digits)</caption>"
-                   "<tr><th>network</th><th>used in</th><th>test accuracy</th></tr>")
+        out.append("<table><caption>Networks trained (accuracy on held-out test digits unless the "
+                   "name says otherwise)</caption>"
+                   "<tr><th>network</th><th>section</th><th>accuracy</th></tr>")
         out += [f"<tr><td>{_esc(n)}</td><td>{_esc(t)}</td><td>{a:.3f}</td></tr>" for t, n, a in nets]
         out.append("</table>")
     out.append('<ul class="summary">')
@@ -145,9 +145,7 @@ def render_html(sections, meta):
         for sentence in s.summary:
             out.append(f'<li><a href="#{_esc(s.name)}"><b>{_esc(s.title)}.</b></a> {_esc(sentence)}</li>')
     out.append("</ul>")
-    out.append('<h2 id="glossary">Glossary</h2><dl class="glossary">')
-    out += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in GLOSSARY]
-    out.append("</dl>")
+    out.append('<p>Every abbreviation is explained in the <a href="#glossary">glossary</a> at the end.</p>')
     for s in sections:
         out += [f'<h2 id="{_esc(s.name)}">{_esc(s.title)}</h2>', f'<p class="what">{_esc(s.what)}</p>']
         for b in s.blocks:
@@ -165,6 +163,9 @@ def render_html(sections, meta):
                            f"<figcaption>{_esc(caption)}</figcaption></figure>")
         if s.seconds is not None:
             out.append(f'<p class="meta">section run time {s.seconds:.0f} s</p>')
+    out.append('<h2 id="glossary">Glossary</h2><table class="glossary"><tr><th>term</th><th>meaning</th></tr>')
+    out += [f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in GLOSSARY]
+    out.append("</table>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
