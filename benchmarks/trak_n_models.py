@@ -28,6 +28,7 @@ Usage::
 
     python benchmarks/trak_n_models.py                 # MLP and CNN
     python benchmarks/trak_n_models.py --archs mlp
+    python benchmarks/trak_n_models.py --sweep        # the warning's threshold over training lengths
 """
 
 from __future__ import annotations
@@ -157,6 +158,46 @@ def run(arch, sizes, projection_dim, alternatives):
     return rows
 
 
+def sweep(projection_dim):
+    """Where the warning's threshold lies: TRAK-1 and TRAK-4 over training lengths, on digits and
+    on a differently built set (``make_classification``), no LDS (that needs retraining)."""
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    def clf_mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
+
+    Xd, yd, Xdt, ydt, _, _ = digits_split(n_train=1000, n_test=200)
+    X, y = make_classification(n_samples=1200, n_features=20, n_informative=10, n_classes=3,
+                               random_state=0)
+    Xc, Xct, yc, yct = train_test_split(X.astype(np.float32), y, train_size=1000, random_state=0, stratify=y)
+    cases = [("digits MLP 64-128-128-10", lambda: make_mlp(128, 2), Xd, yd, Xdt, ydt, (3, 5, 8, 12, 20, 30)),
+             ("make_classification MLP 20-256-256-3", clf_mlp, Xc, yc, Xct, yct, (1, 3, 10, 30))]
+    lines = ["| data, network | epochs | train acc. | median 1-p | share 1-p < 0.01 | SingleModelWarning "
+             "| TRAK-1 same-label top-5 | TRAK-4 same-label top-5 | chance |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, make, Xtr, ytr, Xte, yte, epochs in cases:
+        chance = float(np.mean([np.mean(ytr == c) for c in yte]))
+        for ep in epochs:
+            model = template(make(), epochs=ep)
+            full = clone(model).fit(Xtr, ytr)
+            one = TRAK(full, projection_dim=projection_dim, random_state=0)
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                one.fit(Xtr, ytr)
+            warned = any(issubclass(w.category, SingleModelWarning) for w in rec)
+            four = TRAK(model, n_models=4, projection_dim=projection_dim, random_state=1).fit(Xtr, ytr)
+            q = one.q_
+            line = (f"| {name} | {ep} | {full.score(Xtr, ytr):.3f} | {np.median(q):.1e} | "
+                    f"{np.mean(q < FITTED):.2f} | {'yes' if warned else 'no'} | "
+                    f"{top_k_stats(one.attribute(Xte, yte), ytr, yte)[1]:.3f} | "
+                    f"{top_k_stats(four.attribute(Xte, yte), ytr, yte)[1]:.3f} | {chance:.3f} |")
+            lines.append(line)
+            print(line, flush=True)
+    print("\n" + "\n".join(lines), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mlp", "cnn"], choices=list(ARCHS))
@@ -165,8 +206,12 @@ def main(argv=None):
     p.add_argument("--no-alternatives", action="store_true",
                    help="leave out TracIn, influence functions and HYDRA")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: TRAK-1 / TRAK-4 over training lengths on digits and make_classification")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        return sweep(args.projection_dim)
     for arch in args.archs:
         run(arch, args.sizes, args.projection_dim, not args.no_alternatives)
 
