@@ -25,8 +25,10 @@ Usage::
 1,000 train / 300 test), MLPs and CNNs with biases and in the paper's form (bias-free layers,
 batch norm without affine parameters before each ReLU): the share of each test point's top-10
 proponents in its class per traced layer and layers summed, the majority / all-ten shares of the
-last layer, and how often the class with the largest summed influence is the test point's own;
-10 nearest neighbours in input space as a reference.
+last layer (all test points, the correctly classified ones, and against the predicted class),
+and how often the class with the largest summed influence is the test point's own; 10 nearest
+neighbours in input space as a reference.  Three rows train with the paper's mini-batch variant
+(``batch_mode="classwise"``, 8 ghosts in batches of 32).
 """
 
 from __future__ import annotations
@@ -129,10 +131,14 @@ def class_agreement(epochs=10):
         ("digits", "MLP 64-64-64-10, BN", lambda: _mlp((64, 64), True)),
         ("digits", "CNN 16-32, biases", lambda: _cnn(False)),
         ("digits", "CNN 16-32, BN", lambda: _cnn(True)),
+        ("digits", "MLP 64-64-10, BN, classwise + 8 ghosts", lambda: _mlp((64,), True), {"ghost": 8}),
+        ("digits", "CNN 16-32, BN, classwise + 8 ghosts", lambda: _cnn(True), {"ghost": 8}),
         ("synthetic", "MLP 32-64-8, biases", lambda: _mlp((64,), False, d_in=32, n_classes=8)),
         ("synthetic", "MLP 32-64-64-8, biases", lambda: _mlp((64, 64), False, d_in=32, n_classes=8)),
         ("synthetic", "MLP 32-64-8, BN", lambda: _mlp((64,), True, d_in=32, n_classes=8)),
         ("synthetic", "MLP 32-64-64-8, BN", lambda: _mlp((64, 64), True, d_in=32, n_classes=8)),
+        ("synthetic", "MLP 32-64-8, BN, classwise + 8 ghosts", lambda: _mlp((64,), True, d_in=32, n_classes=8),
+         {"ghost": 8}),
     ]
     rows = []
     for data in sets:
@@ -140,11 +146,12 @@ def class_agreement(epochs=10):
         m, maj, al = _shares(-pairwise_distances(Xte, Xtr), ytr, yte)
         rows.append([data, "10 nearest neighbours (input space)", "", "", f"{m:.3f}", f"{maj:.3f}",
                      f"{al:.3f}", "", "", "", ""])
-        for d, name, make in nets:
+        for d, name, make, *kw in nets:
             if d != data:
                 continue
             model = TorchModel(make(), epochs=epochs, lr=0.1, momentum=0.0, batch_size=32, random_state=0)
-            tr = RepresentationTracer(model).fit(Xtr, ytr)
+            kw = {"batch_mode": "classwise", **kw[0]} if kw else {}
+            tr = RepresentationTracer(model, **kw).fit(Xtr, ytr)
             per = {n: tr.attribute(Xte, layer=n) for n in tr.layers_}
             last = per[tr.layers_[-1]]
             m, maj, al = _shares(last, ytr, yte)

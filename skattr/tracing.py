@@ -23,6 +23,14 @@ recorded step and layer, one :class:`StepRecord`:
 
 A bias is folded in as a last input column of ones (``bias="append"``), so it decomposes
 exactly too; ``bias="exclude"`` leaves it out (its change is then unexplained).
+
+With ``store=<folder>`` the per-example records go to an on-disk
+:class:`~skattr.store.FeatureStore` per layer instead of memory: one row per (step, example) slot
+(``batch_size`` slots per step, unused ones marked with index -1), the flattened factors (or
+per-example update) as the row and the training example's index as the row's scalar, a block of
+several steps at a time.  Only the steps of the block being filled are held in memory.  Training is
+seeded, so a run that was interrupted is resumed by fitting again with the same folder: the steps
+of finished blocks are trained through without recording, the rest are recorded and written.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .training import Callback
+
+_STORE_BLOCK_BYTES = 32 * 2**20  # target size of one on-disk block of records (several steps)
 
 __all__ = ["ClasswiseBatches", "RepresentationRecorder", "StepRecord", "TRACEABLE", "layer_dims", "layer_input",
            "traceable_layers"]
@@ -250,11 +260,23 @@ class RepresentationRecorder(Callback):
     bias : {"append", "exclude"}, default="append"
     seed : int, default=0
         Seed of the projections.
+    store : str, path-like or None, default=None
+        Folder of the on-disk record stores (``record="factors"`` only); ``None`` keeps the
+        records in memory.
+    store_config : dict or None, default=None
+        A JSON-serialisable description of the run (data, model, settings); with the layer
+        name it keys each layer's store folder, so a resumed run finds its records and another
+        run never shares them.
 
     Attributes
     ----------
     layers_ : list of str
     records_ : dict {layer: list of StepRecord}
+        In memory (empty lists with ``store``).
+    stores_ : dict {layer: FeatureStore}
+        With ``store``: the on-disk records (read them with :meth:`stored_chunks`).
+    recorded_steps_ : list of int
+        The recorded training steps.
     initial_ : dict {layer: tensor (d_out, d_in [+1])}
         ``W_0`` (bias folded).
     projections_ : dict {layer: (P_out or None, P_in or None)}
@@ -266,13 +288,15 @@ class RepresentationRecorder(Callback):
     """
 
     def __init__(self, layers=None, record="factors", projection_dim=None, step_every=1,
-                 bias="append", seed=0):
+                 bias="append", seed=0, store=None, store_config=None):
         self.layers = layers
         self.record = record
         self.projection_dim = projection_dim
         self.step_every = step_every
         self.bias = bias
         self.seed = seed
+        self.store = store
+        self.store_config = store_config
 
     # ------------------------------------------------------------------ training hooks
     def on_train_begin(self, state):
@@ -298,12 +322,20 @@ class RepresentationRecorder(Callback):
             self.projections_[n] = (P_out, P_in)
         self.lrs_ = []
         self.n_steps_ = 0
+        self.recorded_steps_ = []
+        if self.store is not None and self.record != "factors":
+            raise ValueError("store= holds per-example records (record='factors'); record='updates' "
+                             "keeps its one matrix per step in memory.")
+        self.stores_, self._layout, self._pending, self._skipping = {}, {}, {}, False
 
     def _recording(self, step):
         return step % int(self.step_every) == 0
 
     def on_batch_begin(self, state):
         if not self._recording(state.step):
+            return
+        self._skipping = self._stored(state.step)
+        if self._skipping:  # resumed run: this step's block is already on disk
             return
         if self.record == "updates":
             fold = self.bias == "append"
@@ -343,6 +375,9 @@ class RepresentationRecorder(Callback):
         step = state.step - 1
         if not self._recording(step):
             return
+        self.recorded_steps_.append(step)
+        if self._skipping:
+            return
         scale = float(self.step_every)
         fold = self.bias == "append"
         idx = np.asarray(state.batch_indices).copy()
@@ -365,7 +400,11 @@ class RepresentationRecorder(Callback):
             # several calls of one layer in a forward pass are more positions of its update
             U = torch.cat([layer_input(m, a, fold) for a in slot["a"]], dim=1)
             V = torch.cat([layer_output(m, g) for g in slot["g"]], dim=1).mul(-float(state.lr) * scale)
-            self.records_[n].append(self._make_record(n, step, state.lr, idx, U, V))
+            rec = self._make_record(n, step, state.lr, idx, U, V)
+            if self.store is None:
+                self.records_[n].append(rec)
+            else:
+                self._to_store(n, rec, state)
         self._cache = {}
 
     def _make_record(self, name, step, lr, idx, U, V):
@@ -386,7 +425,92 @@ class RepresentationRecorder(Callback):
             U = U @ P_in
         return StepRecord(step, lr, idx, "factors", U=U.contiguous(), V=V.contiguous())
 
+    # ------------------------------------------------------------------ on-disk records
+    def _open_store(self, name, rec, state):
+        from .store import FeatureStore
+
+        n_rec = -(-int(state.total_steps) // int(self.step_every))
+        B = int(state.batch_size)
+        if rec.kind == "factors":
+            L, k_in, k_out = rec.U.shape[1], rec.U.shape[2], rec.V.shape[2]
+            width, shape = L * (k_in + k_out), (L, k_in, k_out)
+        else:
+            width, shape = rec.D.shape[1] * rec.D.shape[2], tuple(rec.D.shape[1:])
+        dtype = str(rec.U.dtype if rec.kind == "factors" else rec.D.dtype).replace("torch.", "")
+        if dtype == "float32" and state.n_train > 2**24:
+            raise ValueError(f"store= with float32 records keeps example indices exactly up to 2**24, "
+                             f"not {state.n_train} examples; train in float64.")
+        G = max(1, _STORE_BLOCK_BYTES // (B * width * np.dtype(dtype).itemsize))
+        meta = {**(self.store_config or {}), "layer": name, "kind": rec.kind, "shape": list(shape),
+                "steps_per_block": G, "slots_per_step": B, "step_every": int(self.step_every)}
+        self.stores_[name] = FeatureStore.for_config(
+            self.store, meta, n_rows=n_rec * B, dim=width, n_models=1, block_size=G * B, dtype=dtype)
+        self._layout[name] = {"kind": rec.kind, "shape": shape, "G": G, "B": B, "n_rec": n_rec}
+        self._pending[name] = []
+
+    def _block_of(self, step, name):
+        j = step // int(self.step_every)
+        return j // self._layout[name]["G"], j
+
+    def _stored(self, step):
+        """Whether every layer's block of ``step`` is finished on disk (a resumed run)."""
+        if self.store is None or len(self._layout) < len(self.layers_):
+            return False
+        return all(st.done(0, self._block_of(step, n)[0], verify=False) for n, st in self.stores_.items())
+
+    def _to_store(self, name, rec, state):
+        if name not in self.stores_:
+            self._open_store(name, rec, state)
+        lay = self._layout[name]
+        if len(rec.index) > lay["B"]:
+            raise ValueError(f"A batch of {len(rec.index)} examples exceeds the model's batch_size="
+                             f"{lay['B']} slots per step of the record store.")
+        b, j = self._block_of(rec.step, name)
+        pend = self._pending[name]
+        if pend and pend[-1][0] // lay["G"] != b:  # left over from a block finished on disk
+            self._flush(name, pend[-1][0] // lay["G"])
+        self._pending[name].append((j, rec))
+        if (j + 1) % lay["G"] == 0 or j + 1 == lay["n_rec"]:
+            self._flush(name, b)
+
+    def _flush(self, name, b):
+        st, lay, pend = self.stores_[name], self._layout[name], self._pending[name]
+        self._pending[name] = []
+        if st.done(0, b):  # written by the interrupted run (its first step is always re-recorded)
+            return
+        r0, r1 = st.block_range(b)
+        F = np.zeros((r1 - r0, st.dim), dtype=st.dtype)
+        q = np.full(r1 - r0, -1.0)
+        for j, rec in pend:
+            s0 = j * lay["B"] - r0
+            rows = (torch.cat([rec.U.flatten(1), rec.V.flatten(1)], 1) if rec.kind == "factors"
+                    else rec.D.flatten(1))
+            F[s0:s0 + len(rec.index)] = rows.detach().cpu().numpy()
+            q[s0:s0 + len(rec.index)] = rec.index
+        st.write(0, b, F, q)
+
+    def stored_chunks(self, name, device=None, dtype=None):
+        """Yield the on-disk records of one layer block by block: ``(kind, index, step, tensors)``
+        with ``tensors`` ``(U, V)`` (rows, L, k) or ``(D,)`` (rows, d_out, d_in)."""
+        st, lay = self.stores_[name], self._layout[name]
+        for b in range(st.n_blocks):
+            F, q = st.read(0, b)
+            q = np.asarray(q)
+            keep = np.flatnonzero(q >= 0)
+            r0 = st.block_range(b)[0]
+            step = (r0 + keep) // lay["B"] * int(self.step_every)
+            T = torch.from_numpy(np.array(F[keep])).to(device=device, dtype=dtype)
+            if lay["kind"] == "factors":
+                L, k_in, k_out = lay["shape"]
+                tensors = (T[:, :L * k_in].reshape(-1, L, k_in), T[:, L * k_in:].reshape(-1, L, k_out))
+            else:
+                tensors = (T.reshape(-1, *lay["shape"]),)
+            yield lay["kind"], q[keep].astype(np.int64), step, tensors
+
     def on_train_end(self, state):
+        for name, pend in self._pending.items():  # a last, partial block (normally flushed already)
+            if pend:
+                self._flush(name, pend[0][0] // self._layout[name]["G"])
         self._remove_hooks()
         self._cache, self._mods, self._before = {}, None, None
 
@@ -399,5 +523,6 @@ class RepresentationRecorder(Callback):
         return d
 
     def nbytes(self):
-        """Bytes held by the records."""
-        return sum(r.nbytes() for recs in self.records_.values() for r in recs)
+        """Bytes held by the records (on disk with ``store``)."""
+        return (sum(r.nbytes() for recs in self.records_.values() for r in recs)
+                + sum(st.nbytes() for st in self.stores_.values()))

@@ -30,6 +30,7 @@ class TrainState:
     loss: float = float("nan")
     n_train: int = 0
     batch_size: int = 0
+    total_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -153,6 +154,16 @@ def _lr_at(lr, schedule, step, total):
     raise ValueError(f"lr_schedule must be None, 'linear', 'cosine' or a callable, got {schedule!r}.")
 
 
+def learning_rate_at(lr, schedule, step, total):
+    """The learning rate :func:`train_module` uses at step ``step`` of ``total`` (from 0), for a
+    peak ``lr`` and an ``lr_schedule`` (None / "constant", "linear", "cosine" or a callable
+    ``schedule(step, total)``)."""
+    return _lr_at(lr, schedule, step, total)
+
+
+__all__ += ["learning_rate_at"]
+
+
 def train_module(
     module,
     X,
@@ -180,7 +191,7 @@ def train_module(
     gen.manual_seed(int(seed))
     steps_per_epoch = -(-n // batch_size)
     total = epochs * steps_per_epoch
-    state = TrainState(module=module, optimizer=opt, n_train=n, batch_size=batch_size)
+    state = TrainState(module=module, optimizer=opt, n_train=n, batch_size=batch_size, total_steps=total)
     for cb in callbacks:
         cb.on_train_begin(state)
     history = []
@@ -199,7 +210,7 @@ def train_module(
             perm = torch.randperm(n, generator=gen)
             plan = [(perm[b * batch_size : (b + 1) * batch_size], None) for b in range(steps_per_epoch)]
         elif epoch == 0:
-            total = epochs * len(plan)
+            total = state.total_steps = epochs * len(plan)
             if bar is not None:
                 bar.total = total
         tot = 0.0

@@ -348,3 +348,53 @@ def test_plots_write_pngs(digits, tmp_path):
         assert p.stat().st_size > 1000
     with pytest.raises(ValueError, match="steps"):
         plot_influence_over_time(steps[:-1], inf)
+
+
+# ----------------------------------------------------------------------------- on-disk records
+def test_store_records_resume_after_interruption_identically(digits, tmp_path, monkeypatch):
+    import skattr.tracing as tracing
+
+    X, y = digits[0][:96], digits[1][:96]
+    Xte = digits[0][300:306]
+    model = _model(_cnn())  # 2 epochs of 6 steps; the convs keep dense updates, the Linear factors
+    mem = RepresentationTracer(model).fit(X, y)
+    monkeypatch.setattr(tracing, "_STORE_BLOCK_BYTES", 20_000)  # blocks of a few steps
+    full = RepresentationTracer(model, store=tmp_path / "full").fit(X, y)
+    assert all(not r for r in full.recorder_.records_.values())  # nothing kept in memory
+    assert {k for k in full.recorder_.kinds_.values()} == {"dense", "factors"}
+    assert all(st.n_blocks > 2 for st in full.recorder_.stores_.values())
+    S = full.attribute(Xte)
+    np.testing.assert_allclose(S, mem.attribute(Xte), rtol=1e-10, atol=1e-13)
+    for n in mem.layers_:
+        torch.testing.assert_close(full.example_updates(n), mem.example_updates(n), rtol=1e-10, atol=1e-14)
+    assert full.weight_residual_ == pytest.approx(mem.weight_residual_, abs=1e-12)
+
+    # interrupted in the middle of training (a crash after step 7 of 12) ...
+    end = tracing.RepresentationRecorder.on_batch_end
+
+    def crash(self, state):
+        end(self, state)
+        if state.step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracing.RepresentationRecorder, "on_batch_end", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RepresentationTracer(model, store=tmp_path / "run").fit(X, y)
+    monkeypatch.setattr(tracing.RepresentationRecorder, "on_batch_end", end)
+    stores = [p for p in (tmp_path / "run").iterdir()]
+    before = {}
+    for p in stores:
+        for m in p.glob("*.done"):
+            before[m] = m.read_text()
+    assert 0 < len(before)
+    # ... then fitted again with the same folder: the same scores, the finished blocks kept
+    res = RepresentationTracer(model, store=tmp_path / "run").fit(X, y)
+    np.testing.assert_array_equal(res.attribute(Xte), S)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(res)).attribute(Xte), S)  # reads the folder
+    steps, inf = res.influence_over_time(Xte)
+    np.testing.assert_array_equal(inf[res.layers_[-1]], full.influence_over_time(Xte)[1][res.layers_[-1]])
+    assert len(steps) == 12
+    for m, text in before.items():
+        assert m.read_text() == text  # not rewritten
+    with pytest.raises(ValueError, match="record='factors'"):
+        RepresentationTracer(model, store=tmp_path / "u", record="updates").fit(X, y)

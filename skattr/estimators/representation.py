@@ -16,6 +16,7 @@ contribution is ever formed.
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 
 import numpy as np
@@ -24,7 +25,7 @@ from sklearn.base import clone
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from .._fingerprint import data_hash
+from .._fingerprint import data_hash, template_hash
 from .._validation import check_fitted_shape, check_input
 from ..model import TorchModel
 from ..tracing import (
@@ -85,6 +86,12 @@ class RepresentationTracer(BaseAttributor):
         ``"append"`` folds a layer's bias in as an input column of ones, so it decomposes
         exactly; ``"exclude"`` leaves it out (``p(x)`` then keeps the bias, reported by
         :meth:`decomposition_residual`).
+    store : str, path-like or None, default=None
+        Folder for the records on disk (:class:`skattr.store.FeatureStore`, one per layer, in
+        ``store/store-<hash of the run>``; ``record="factors"``): memory then holds one block
+        of steps at a time, during training and scoring.  Fitting again with the same folder
+        after an interruption resumes: the finished blocks are kept (their steps are trained
+        through without recording) and the result is the same.
     momentum_ok : bool, default=False
         Trace a run with momentum or weight decay anyway; the part of ``W_T - W_0`` the
         recorded gradient steps miss is in ``weight_residual_``.
@@ -140,6 +147,7 @@ class RepresentationTracer(BaseAttributor):
         "batch_mode": [StrOptions({"examplewise", "classwise"})],
         "ghost": [Interval(numbers.Integral, 0, None, closed="left")],
         "bias": [StrOptions({"append", "exclude"})],
+        "store": [str, os.PathLike, None],
         "momentum_ok": ["boolean"],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "random_state": [Interval(numbers.Integral, 0, None, closed="left")],
@@ -158,6 +166,7 @@ class RepresentationTracer(BaseAttributor):
         batch_mode="examplewise",
         ghost=0,
         bias="append",
+        store=None,
         momentum_ok=False,
         batch_size=None,
         random_state=0,
@@ -171,6 +180,7 @@ class RepresentationTracer(BaseAttributor):
         self.batch_mode = batch_mode
         self.ghost = ghost
         self.bias = bias
+        self.store = store
         self.momentum_ok = momentum_ok
         self.batch_size = batch_size
         self.random_state = random_state
@@ -202,9 +212,18 @@ class RepresentationTracer(BaseAttributor):
                 "record='updates' (whole step updates, any optimizer)."
             )
         traceable_layers(m.module, self.layers)  # clear errors before training
+        if self.store is not None and self.record != "factors":
+            raise ValueError("store= keeps per-example records on disk (record='factors'); "
+                             "record='updates' holds one matrix per step, in memory.")
+        run = None
+        if self.store is not None:
+            run = {"method": "RepresentationTracer", "model": template_hash(m), "data": data_hash(X, y),
+                   **{k: v for k, v in self.get_params(deep=False).items()
+                      if k not in ("model", "store", "batch_size", "verbose")}}
         rec = RepresentationRecorder(
             layers=self.layers, record=self.record, projection_dim=self.projection_dim,
             step_every=self.step_every, bias=self.bias, seed=self.random_state,
+            store=None if self.store is None else os.fspath(self.store), store_config=run,
         )
         cbs = [cb for cb in (m.callbacks or []) if not isinstance(cb, (RepresentationRecorder, ClasswiseBatches))]
         if self.batch_mode == "classwise":
@@ -228,7 +247,8 @@ class RepresentationTracer(BaseAttributor):
         self.classes_ = self.model_.class_labels() if self.model_.task == "classification" else None
         self.n_steps_ = int(self.recorder_.n_steps_)
         self.record_bytes_ = int(self.recorder_.nbytes())
-        self._rows = {name: self._consolidate(name) for name in self.layers_}
+        self._rows = {name: None if self.store is not None else self._consolidate(name)
+                      for name in self.layers_}
         self.weight_residual_ = {name: self._weight_residual(name) for name in self.layers_}
         if self.record == "factors" and (mom != 0.0 or wd != 0.0):
             worst = max(self.weight_residual_.values())
@@ -279,11 +299,22 @@ class RepresentationTracer(BaseAttributor):
         return float((dW - S).norm() / dW.norm().clamp_min(1e-300))
 
     # ------------------------------------------------------------------ the decomposition
-    def _rows_of(self, name):
-        rows = self._rows[name]
-        if rows is None:
-            raise ValueError(f"No step was recorded for layer {name!r}.")
-        return rows
+    def _chunks(self, name):
+        """The rows of one layer: all of them (in memory), or block by block from the store."""
+        if self.store is None:
+            if self._rows[name] is None:
+                raise ValueError(f"No step was recorded for layer {name!r}.")
+            yield self._rows[name]
+            return
+        W0 = self.recorder_.initial_[name]
+        for kind, index, step, T in self.recorder_.stored_chunks(name, W0.device, W0.dtype):
+            out = {"kind": kind, "index": index, "step": step, "step_of_row": step,
+                   "row": np.arange(len(index)), "weight": np.ones(len(index))}
+            if kind == "factors":
+                out["U"], out["V"] = T
+            else:
+                out["D"] = T[0]
+            yield out
 
     def total_update(self, layer):
         """``sum_t sum_i dW_{t,i}`` of one layer as a (d_out, d_in [+1]) tensor (exact records)."""
@@ -291,10 +322,11 @@ class RepresentationTracer(BaseAttributor):
         self._check_layer(layer)
         if not self._exact():
             raise ValueError("total_update needs exact records (projection_dim=None).")
-        rows = self._rows_of(layer)
-        if rows["kind"] == "factors":
-            return torch.einsum("bld,blk->dk", rows["V"], rows["U"])
-        return rows["D"].sum(0)
+        total = 0
+        for rows in self._chunks(layer):
+            total = total + (torch.einsum("bld,blk->dk", rows["V"], rows["U"]) if rows["kind"] == "factors"
+                             else rows["D"].sum(0))
+        return total
 
     def example_updates(self, layer):
         """``sum_t dW_{t,i}`` per training example, (n_train, d_out, d_in [+1]) (exact records;
@@ -303,16 +335,17 @@ class RepresentationTracer(BaseAttributor):
         self._check_layer(layer)
         if not self._exact():
             raise ValueError("example_updates needs exact records (projection_dim=None).")
-        rows = self._rows_of(layer)
         W0 = self.recorder_.initial_[layer]
         out = torch.zeros(self.n_train_, *W0.shape, dtype=W0.dtype, device=W0.device)
-        idx = torch.as_tensor(rows["index"], dtype=torch.long, device=W0.device)
-        if rows["kind"] == "factors":
-            per = torch.einsum("bld,blk->bdk", rows["V"], rows["U"])
-        else:
-            w = torch.as_tensor(rows["weight"], dtype=W0.dtype, device=W0.device)
-            per = rows["D"][torch.as_tensor(rows["row"], dtype=torch.long)] * w[:, None, None]
-        return out.index_add_(0, idx, per)
+        for rows in self._chunks(layer):
+            idx = torch.as_tensor(rows["index"], dtype=torch.long, device=W0.device)
+            if rows["kind"] == "factors":
+                per = torch.einsum("bld,blk->bdk", rows["V"], rows["U"])
+            else:
+                w = torch.as_tensor(rows["weight"], dtype=W0.dtype, device=W0.device)
+                per = rows["D"][torch.as_tensor(rows["row"], dtype=torch.long)] * w[:, None, None]
+            out.index_add_(0, idx, per)
+        return out
 
     # ------------------------------------------------------------------ test side
     def _check_layer(self, layer):
@@ -357,9 +390,8 @@ class RepresentationTracer(BaseAttributor):
         for s in range(0, Xt.shape[0], bs):
             yield s, Xt[s:s + bs]
 
-    def _row_products(self, name, a, p, need_norm=False):
+    def _row_products(self, name, rows, a, p, need_norm=False):
         """Per row and test point: ``c . p`` and optionally ``||c||`` (rows, t), chunked."""
-        rows = self._rows_of(name)
         P_out, P_in = self.recorder_.projections_[name]
         pa = a if P_in is None or rows["kind"] != "factors" else a @ P_in
         pp = p if P_out is None or rows["kind"] != "factors" else p @ P_out
@@ -391,9 +423,8 @@ class RepresentationTracer(BaseAttributor):
                                for r0 in range(0, D.shape[0], chunk)])
         return dots, norms
 
-    def _expand(self, name, vals):
+    def _expand(self, rows, vals):
         """Row values (rows, t) -> per (example, step) values (entries, t) and their examples."""
-        rows = self._rows[name]
         if rows["kind"] != "batch":
             return vals, rows["index"]
         sel = torch.as_tensor(rows["row"], dtype=torch.long, device=vals.device)
@@ -433,10 +464,11 @@ class RepresentationTracer(BaseAttributor):
             for n in names:
                 a, p = side[n]
                 pn = p.flatten(1).norm(dim=1).to(torch.float64).clamp_min(1e-300)
-                dots, _ = self._row_products(n, a, p)
-                vals, idx = self._expand(n, dots.to(torch.float64) / pn[None, :])
-                Sb = torch.zeros(self.n_train_, Xb.shape[0], dtype=torch.float64, device=vals.device)
-                Sb.index_add_(0, torch.as_tensor(idx, dtype=torch.long, device=vals.device), vals)
+                Sb = torch.zeros(self.n_train_, Xb.shape[0], dtype=torch.float64, device=a.device)
+                for rows in self._chunks(n):
+                    dots, _ = self._row_products(n, rows, a, p)
+                    vals, idx = self._expand(rows, dots.to(torch.float64) / pn[None, :])
+                    Sb.index_add_(0, torch.as_tensor(idx, dtype=torch.long, device=vals.device), vals)
                 S[s:s + Xb.shape[0]] += Sb.T.cpu().numpy()
         return S
 
@@ -457,7 +489,7 @@ class RepresentationTracer(BaseAttributor):
         """
         X = self._check_X(X)
         names = self._names(layer)
-        steps = np.asarray(sorted({r.step for n in names for r in self.recorder_.records_[n]}))
+        steps = np.asarray(self.recorder_.recorded_steps_)
         pos = {s: k for k, s in enumerate(steps)}
         out = {n: np.zeros((X.shape[0], len(steps))) for n in names}
         for s, Xb in self._batches(X):
@@ -465,12 +497,12 @@ class RepresentationTracer(BaseAttributor):
             for n in names:
                 a, p = side[n]
                 pn = p.flatten(1).norm(dim=1).to(torch.float64).clamp_min(1e-300)
-                dots, _ = self._row_products(n, a, p)
-                rows = self._rows[n]
-                col = np.asarray([pos[v] for v in rows["step_of_row"]])
-                T = torch.zeros(len(steps), Xb.shape[0], dtype=torch.float64, device=dots.device)
-                T.index_add_(0, torch.as_tensor(col, dtype=torch.long, device=dots.device),
-                             dots.to(torch.float64) / pn[None, :])
+                T = torch.zeros(len(steps), Xb.shape[0], dtype=torch.float64, device=a.device)
+                for rows in self._chunks(n):
+                    dots, _ = self._row_products(n, rows, a, p)
+                    col = np.asarray([pos[v] for v in rows["step_of_row"]])
+                    T.index_add_(0, torch.as_tensor(col, dtype=torch.long, device=dots.device),
+                                 dots.to(torch.float64) / pn[None, :])
                 out[n][s:s + Xb.shape[0]] = T.T.cpu().numpy()
         return steps, out
 
@@ -491,21 +523,26 @@ class RepresentationTracer(BaseAttributor):
         out = {}
         classes = np.unique(self.y_train_)
         for n in self.layers_:
-            rows = self._rows_of(n)
             cos_l, w_l = [], []
             for _, Xb in self._batches(X):
                 a, p = self._test_side(Xb, [n])[n]
                 pn = p.flatten(1).norm(dim=1).to(torch.float64)
-                dots, norms = self._row_products(n, a, p, need_norm=True)
-                dots, idx = self._expand(n, dots.to(torch.float64))
-                norms, _ = self._expand(n, norms.to(torch.float64))
-                cos_l.append((dots / (norms * pn[None, :] + 1e-14)).T.cpu().numpy())
-                w_l.append(norms.T.cpu().numpy())
+                cos_c, w_c, index, step = [], [], [], []
+                for rows in self._chunks(n):
+                    dots, norms = self._row_products(n, rows, a, p, need_norm=True)
+                    dots, idx = self._expand(rows, dots.to(torch.float64))
+                    norms, _ = self._expand(rows, norms.to(torch.float64))
+                    cos_c.append((dots / (norms * pn[None, :] + 1e-14)).T.cpu().numpy())
+                    w_c.append(norms.T.cpu().numpy())
+                    index.append(idx)
+                    step.append(rows["step"] if rows["kind"] != "batch" else rows["step_of_row"][rows["row"]])
+                cos_l.append(np.concatenate(cos_c, axis=1))
+                w_l.append(np.concatenate(w_c, axis=1))
             cos, w = np.concatenate(cos_l), np.concatenate(w_l)
-            label = self.y_train_[rows["index"]]
+            index, step = np.concatenate(index), np.concatenate(step)
+            label = self.y_train_[index]
             by_class = np.stack([(cos * w)[:, label == c].sum(1) for c in classes], axis=1)
-            step = rows["step"] if rows["kind"] != "batch" else rows["step_of_row"][rows["row"]]
-            out[n] = {"cos": cos, "weight": w, "label": label, "index": rows["index"],
+            out[n] = {"cos": cos, "weight": w, "label": label, "index": index,
                       "step": step, "classes": classes, "influence_by_class": by_class}
         return out
 
