@@ -192,3 +192,24 @@ _TORCH_HASH = ("joblib.hash of a torch tensor pickles its storage key (its memor
     "check_estimators_overwrite_params": _TORCH_HASH}, xfail_strict=True)
 def test_sklearn_estimator_checks_feature_map(estimator, check):
     check(estimator)
+
+
+def test_scaling_page_examples(tmp_path, monkeypatch):
+    """docs/scaling.md's examples, in order, as a script's main module.  The Dask cluster is
+    started with threads (``processes=False``) to keep the test short; the page's two-process
+    ``LocalCluster`` runs the same code (run by hand, see benchmarks/README.md, "Scale")."""
+    import functools
+    import re
+    from pathlib import Path
+
+    distributed = pytest.importorskip("dask.distributed")
+    monkeypatch.setattr(distributed, "LocalCluster",
+                        functools.partial(distributed.LocalCluster, processes=False))
+    page = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"
+    blocks = re.findall(r"^```python[ \t]*\n(.*?)^```[ \t]*$", page.read_text(), re.S | re.M)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    for i, src in enumerate(blocks):
+        exec(compile(src, f"{page} (python block {i + 1})", "exec"), namespace)
+    assert (tmp_path / "trak_store").is_dir()
