@@ -113,6 +113,18 @@ def _shares(S, ytr, yte, k=10):
     return same.mean(), (same.mean(1) > 0.5).mean(), same.all(1).mean()
 
 
+def _last_input(tr, X):
+    """The input of the last traced layer under the final network (numpy, one row per sample)."""
+    net = tr.model_.network()
+    mod = dict(net.named_modules())[tr.layers_[-1]]
+    got = []
+    h = mod.register_forward_hook(lambda m, i, o: got.append(i[0].detach().flatten(1)))
+    with torch.no_grad():
+        net.eval()(tr.model_.to_tensor(X))
+    h.remove()
+    return torch.cat(got).double().numpy()
+
+
 def class_agreement(epochs=10):
     """For each network: the share of each test point's top-10 proponents (paper's influence,
     ``sum_t ||c|| cos``) in its class, per traced layer and layers summed; the last layer with
@@ -145,7 +157,7 @@ def class_agreement(epochs=10):
         Xtr, ytr, Xte, yte = sets[data]
         m, maj, al = _shares(-pairwise_distances(Xte, Xtr), ytr, yte)
         rows.append([data, "10 nearest neighbours (input space)", "", "", f"{m:.3f}", f"{maj:.3f}",
-                     f"{al:.3f}", "", "", "", ""])
+                     f"{al:.3f}", "", "", "", "", ""])
         for d, name, make, *kw in nets:
             if d != data:
                 continue
@@ -160,16 +172,21 @@ def class_agreement(epochs=10):
             classes = np.unique(ytr)
             by_class = np.stack([last[:, ytr == c].sum(1) for c in classes], 1)
             own = float((classes[by_class.argmax(1)] == yte).mean())
+            A_tr, A_te = _last_input(tr, Xtr), _last_input(tr, Xte)
+            cos_a = (A_te / np.linalg.norm(A_te, axis=1, keepdims=True)) @ (
+                A_tr / np.linalg.norm(A_tr, axis=1, keepdims=True)).T
+            other = cos_a[yte[:, None] != ytr[None, :]].mean()
             rows.append([data, name, f"{tr.model_.score(Xte, yte):.3f}",
                          " / ".join(f"{_shares(S, ytr, yte)[0]:.2f}" for S in per.values()),
                          f"{m:.3f}", f"{maj:.3f}", f"{al:.3f}", f"{_shares(last[ok], ytr, yte[ok])[0]:.3f}",
                          f"{_shares(last, ytr, pred)[0]:.3f}", f"{_shares(sum(per.values()), ytr, yte)[0]:.3f}",
-                         f"{own:.3f}"])
+                         f"{own:.3f}", f"{other:.2f}"])
             print(" | ".join(rows[-1]), flush=True)
     print_table(rows, ["data", "network", "test acc", "top-10 share per layer (first ... last)",
                        "last layer: top-10 share", "majority", "all 10", "correctly classified only",
                        "share in the predicted class", "layers summed: share",
-                       "own class has the largest summed influence (last layer)"],
+                       "own class has the largest summed influence (last layer)",
+                       "mean cos(a_i, a(x)) at the last layer's input, other-class pairs"],
                 title=f"Class agreement of the top-10 proponents ({epochs} epochs, lr 0.1, batch 32, "
                       "plain SGD, 1,000 train, float32)")
 
