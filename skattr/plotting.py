@@ -343,7 +343,7 @@ def plot_image_grid(X, titles=None, *, ncols=6, image_shape=None, row_labels=Non
     nrows = int(np.ceil(n / ncols))
     if row_labels is not None and len(row_labels) != nrows:
         raise ValueError(f"row_labels must have one entry per row: {len(row_labels)} for {nrows} rows.")
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.35 * ncols + (1.2 if row_labels else 0), 1.75 * nrows),
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.35 * ncols + (1.2 if row_labels else 0), 2.1 * nrows),
                              squeeze=False)
     for i, a in enumerate(axes.ravel()):
         a.set_xticks([])

@@ -139,7 +139,7 @@ def hydra_report(outdir, *, random_state=0, size="default", progress=None, verbo
     ax.set_xlim(0, 0.5)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the lines
     path = os.path.join(outdir, "detection_curve.png")
     plotting.save(fig, path)
     sec.figure(path, "Flipped labels found against the share of the training set inspected, "

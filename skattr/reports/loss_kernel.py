@@ -115,7 +115,7 @@ def mislabel_scores(lk, y_given, loss_at_w):
 
 #: multitask points, training epochs, SGLD chains and draws (multitask, digits), digits probed.
 SIZES = {
-    "tiny": dict(n_mt=200, mt_epochs=30, mt_chains=2, mt_draws=60, d_chains=2, d_draws=40, n_probe=150),
+    "tiny": dict(n_mt=160, mt_epochs=30, mt_chains=2, mt_draws=40, d_chains=2, d_draws=30, n_probe=120),
     "quick": dict(n_mt=400, mt_epochs=40, mt_chains=2, mt_draws=100, d_chains=2, d_draws=80, n_probe=300),
     "default": dict(n_mt=400, mt_epochs=40, mt_chains=2, mt_draws=100, d_chains=2, d_draws=80, n_probe=300),
     "full": dict(n_mt=600, mt_epochs=60, mt_chains=3, mt_draws=150, d_chains=3, d_draws=120, n_probe=500),

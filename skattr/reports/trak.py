@@ -177,6 +177,7 @@ def plot_lds(rows_by_arch, path):
         for r in rows:
             if r["method"].startswith("Grad-Cos"):
                 ax.axhline(r["lds"], color="gray", ls=":", label=r["method"])
+        ax.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
         ax.set_xlabel("number of models in the ensemble")
         ax.set_ylabel("LDS (Spearman, mean over test points)")
         ax.set_title(f"{arch} on digits", fontsize=10)
@@ -280,16 +281,17 @@ def plot_concept(result, path, title="closed-loop concept"):
                             capsize=3, label=f"random {f:.0%} removed")
         ax.set_xticks(x)
         ax.set_xticklabels([f"layer {la}" for la in layers])
+        ax.set_xlabel("layer whose activations the probe reads")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if key == "accuracy":
             ax.axhline(result["chance"], color="gray", ls=":", label="majority class")
             handles, labels = ax.get_legend_handles_labels()
     # one legend for both panels, below them (inside it would cover the points)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(labels) // 4), 1, 1))
     fig.suptitle(f"{title}: probes per layer before / after remove-and-retrain "
                  f"(mean ± std over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(labels) // 4), 1, 0.95))
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
     return plotting.save(fig, path)
 
 
