@@ -401,6 +401,29 @@ def _merged_records(module, specs, uses, deltas):
     return records
 
 
+def selected_modules(module, prefixes=None):
+    """``{module_name: (module, [names of its selected parameters])}`` for the modules holding
+    parameters selected by ``prefixes`` (None: every trainable parameter); a module holding a
+    tied Parameter is listed under each of its names."""
+    return _selected(module, prefixes)
+
+
+def has_tied_parameters(selection):
+    """Whether one Parameter appears more than once in a :func:`selected_modules` selection."""
+    return _tied(selection)
+
+
+def layer_records(name, module, param_names, inputs, output_grads):
+    """Per-example gradient records of one layer (Linear, Conv1d/2d, Embedding, LayerNorm,
+    GroupNorm, BatchNorm in eval) from its input ``inputs`` (n, ...) and the gradients
+    ``output_grads`` (n, m, *output shape) of ``m`` scalar outputs per example with respect to
+    its output; ``param_names`` are the module's parameters to record."""
+    return _layer_records(name, module, param_names, inputs, output_grads)
+
+
+__all__ += ["selected_modules", "has_tied_parameters", "layer_records"]
+
+
 def _layer_records(name, mod, pnames, inp, d):
     n, m = d.shape[:2]
     recs = []

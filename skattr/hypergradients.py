@@ -213,9 +213,10 @@ class BatchCapture:
     """
 
     def __init__(self, net, prefixes, x_probe):
-        self.specs = _grad._selected(net, prefixes)
+        self.specs = _grad.selected_modules(net, prefixes)
         self.handles, self.active, self.cap = [], False, {}
-        self.ok = (_grad.structured_support(net, prefixes) is None and not _grad._tied(self.specs)
+        self.ok = (_grad.structured_support(net, prefixes) is None
+                   and not _grad.has_tied_parameters(self.specs)
                    and not any(getattr(m, "inplace", False) for m in net.modules()))
         if self.ok:  # every selected layer called exactly once per forward
             self.install(net)
@@ -260,7 +261,7 @@ class BatchCapture:
             inp, _, _, g = c[0]
             if len(pos) != inp.shape[0]:  # only the tracked rows (all rows: no copy)
                 inp, g = inp[pos], g[pos]
-            recs.extend(_grad._layer_records(name, mod, pnames, inp, g[:, None]))
+            recs.extend(_grad.layer_records(name, mod, pnames, inp, g[:, None]))
         self.cap = {}
         return recs
 

@@ -519,3 +519,30 @@ def test_retrain_without_suspects_against_explicit_retraining():
         retrain_without_suspects(model, X, y, scores, 0.1, X_test=Xt, y_test=yt)
     with pytest.raises(TypeError, match="TorchModel"):
         retrain_without_suspects(nn.Linear(1, 2), X, y, scores, q, X_test=Xt, y_test=yt)
+
+
+def test_hydra_uses_only_public_names_of_the_core():
+    """HYDRA reads the core through public names (gradients.selected_modules, layer_records,
+    has_tied_parameters; training.learning_rate_at), never its private helpers."""
+    import re
+    from pathlib import Path
+
+    from skattr import gradients, training
+
+    root = Path(hg.__file__).parent
+    for path in (root / "hypergradients.py", root / "estimators" / "hydra.py"):
+        src = path.read_text()
+        assert not re.findall(r"_grad\._\w+", src), path
+        assert not re.findall(r"from \.+training import [^\n]*\b_\w+", src), path
+    for name in ("selected_modules", "has_tied_parameters", "layer_records"):
+        assert name in gradients.__all__
+    assert "learning_rate_at" in training.__all__
+    assert training.learning_rate_at(0.2, "cosine", 5, 10) == pytest.approx(0.1)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    sel = gradients.selected_modules(net, None)
+    assert list(sel) == ["0", "1"] and not gradients.has_tied_parameters(sel)
+    net[1].weight = nn.Parameter(net[0].weight[:2].detach().clone())
+    assert not gradients.has_tied_parameters(gradients.selected_modules(net, None))
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight  # one Parameter under two names
+    assert gradients.has_tied_parameters(gradients.selected_modules(tied, None))

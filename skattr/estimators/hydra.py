@@ -32,7 +32,7 @@ from ..featurize import encode_targets
 from ..model import TorchModel
 from ..outputs import make_output
 from ..projection import KINDS, Projector
-from ..training import Callback, TrajectoryRecorder, _lr_at
+from ..training import Callback, TrajectoryRecorder, learning_rate_at
 from .base import BaseAttributor
 
 __all__ = ["HYDRA"]
@@ -334,7 +334,7 @@ class HYDRA(BaseAttributor):
         """The learning rate of every step of ``model``'s recipe on ``n`` examples."""
         m = self.model
         total = int(m.epochs) * -(-n // int(m.batch_size))
-        return [float(_lr_at(float(m.lr), m.lr_schedule, s, total)) for s in range(total)]
+        return [float(learning_rate_at(float(m.lr), m.lr_schedule, s, total)) for s in range(total)]
 
     def _fit_training(self, X, y):
         cbs = [cb for cb in (self.model.callbacks or []) if not isinstance(cb, TrajectoryRecorder)]
