@@ -19,6 +19,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py            # 1,500 train, 200 test
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --quick
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --class-agreement   # only that table
+    OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --store             # memory vs disk
 
 ``--class-agreement``: on digits (1,000 train / 300 test) and a differently built synthetic set
 (``make_classification``: 8 classes of two Gaussian clusters, signed standardised features;
@@ -191,12 +192,82 @@ def class_agreement(epochs=10):
                       "plain SGD, 1,000 train, float32)")
 
 
+def _store_child(mode, n_train, epochs, folder):
+    """One fit + attribute in this (fresh) process; prints times and the peak RSS."""
+    import resource
+    import time
+
+    X, y = load_digits_data()
+    Xtr, ytr, Xte = X[:n_train], y[:n_train], X[-200:]
+    model = TorchModel(make_mlp(0), epochs=epochs, lr=0.1, momentum=0.0, batch_size=64, random_state=0)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    tr = RepresentationTracer(model, store=None if mode == "memory" else folder).fit(Xtr, ytr)
+    t1 = time.perf_counter()
+    S = tr.attribute(Xte)
+    t2 = time.perf_counter()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    np.save(os.path.join(folder, f"scores-{mode}.npy"), S)
+    print(f"RESULT {t1 - t0:.3f} {t2 - t1:.3f} {(rss - rss0) / 1024:.1f} {tr.record_bytes_ / 2**20:.1f}")
+
+
+def store_table(n_train, epochs):
+    """In memory vs ``store=``: fit and attribute times, peak RSS growth (each in a fresh process),
+    record bytes; then a resume after removing the completion markers of the last half of the
+    blocks (as if the run had stopped there)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="skattr-trace-")
+    rows, res = [], {}
+
+    def run(mode):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--store-child", mode,
+                              "--n-train", str(n_train), "--epochs", str(epochs), "--folder", folder],
+                             capture_output=True, text=True, check=True).stdout
+        return [float(v) for v in out.split("RESULT")[1].split()]
+
+    try:
+        for mode in ("memory", "store"):
+            res[mode] = run(mode)
+        markers = sorted(p for p in __import__("pathlib").Path(folder).rglob("*.done"))
+        stores = {}
+        for p in markers:
+            stores.setdefault(p.parent, []).append(p)
+        for ms in stores.values():
+            for p in ms[len(ms) // 2:]:
+                p.unlink()
+        res["store, resumed from half"] = run("store")
+        S0 = np.load(os.path.join(folder, "scores-memory.npy"))
+        S1 = np.load(os.path.join(folder, "scores-store.npy"))
+        for mode, (fit, att, rss, mib) in res.items():
+            rows.append([mode, f"{fit:.2f}", f"{fit / res['memory'][0]:.2f}", f"{att:.2f}",
+                         f"{att / res['memory'][1]:.2f}", f"{rss:.0f}", f"{mib:.1f}"])
+        print_table(rows, ["records", "fit (s)", "ratio", "attribute 200 (s)", "ratio",
+                           "peak RSS growth (MiB)", "record MiB (memory or disk)"],
+                    title=f"MLP 64-256-256-10, {n_train} train, {epochs} epochs, batch 64: records in "
+                          f"memory vs on disk (max |score difference| store vs memory "
+                          f"{np.abs(S1 - S0).max():.1e}, resumed run's scores = first store run's)")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main():
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--n-train", type=int, default=1500)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--class-agreement", action="store_true")
+    parser.add_argument("--store", action="store_true", help="only the memory vs on-disk table")
+    parser.add_argument("--store-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.store_child:
+        torch.set_num_threads(int(args.threads) or torch.get_num_threads())
+        return _store_child(args.store_child, args.n_train, args.epochs, args.folder)
+    if args.store:
+        setup(args, "RepresentationTracer: records in memory vs on disk")
+        return store_table(args.n_train, args.epochs)
     if args.class_agreement:
         setup(args, "RepresentationTracer: class agreement on digits")
         return class_agreement()

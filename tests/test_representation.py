@@ -231,9 +231,12 @@ def test_digits_top10_share_the_class(digits):
                        nn.Linear(64, 10, bias=False))
     tb = RepresentationTracer(_model(bn, epochs=8, lr=0.1, batch_size=32, dtype="float32")).fit(
         Xtr.astype(np.float32), ytr)
-    shares = [float((ytr[np.argsort(-tb.attribute(Xte.astype(np.float32), layer=n), 1)[:, :10]]
-                     == yte[:, None]).mean()) for n in tb.layers_]
+    tops = [tb.top_k(Xte.astype(np.float32), k=10, layer=n) for n in tb.layers_]
+    shares = [float((ytr[t.proponents] == yte[:, None]).mean()) for t in tops]
     assert shares[-1] > 0.9 and shares[0] < shares[-1]
+    S = tb.attribute(Xte.astype(np.float32), layer=tb.layers_[-1])
+    np.testing.assert_array_equal(tops[-1].proponents[:, 0], S.argmax(1))
+    np.testing.assert_allclose(tops[-1].proponent_scores[:, 0], S.max(1))
 
 
 # ----------------------------------------------------------------------------- classwise / ghost

@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 from .._fingerprint import data_hash, template_hash
 from .._validation import check_fitted_shape, check_input
 from ..model import TorchModel
+from ..store import top_k_blocks
 from ..tracing import (
     ClasswiseBatches,
     RepresentationRecorder,
@@ -475,6 +476,20 @@ class RepresentationTracer(BaseAttributor):
     def transform(self, X):
         """``attribute(X)``."""
         return self.attribute(X)
+
+    def top_k(self, X, y=None, k=10, *, layer=None):
+        """The ``k`` strongest proponents and opponents of each sample, for the traced layers
+        summed (``layer=None``) or for one: the paper ranks by one late layer, whose top
+        proponents are the most class-consistent (``docs/representation.md``).
+
+        Returns
+        -------
+        TopK
+            ``proponents`` / ``opponents``: indices into the training set, (n_samples, k),
+            strongest first; ``proponent_scores`` / ``opponent_scores``.
+        """
+        S = self.attribute(X, y, layer=layer)
+        return top_k_blocks([(0, S)], S.shape[0], S.shape[1], k)
 
     def influence_over_time(self, X, *, layer=None):
         """Per recorded step, the summed influence of its batch on each sample, per layer.
