@@ -106,6 +106,10 @@ html_title = "skattr"
 html_static_path = []
 html_show_sourcelink = False
 
-# examples print progress of torch and sklearn; keep the build log readable
 warnings.filterwarnings("ignore", category=UserWarning, message="Matplotlib is currently using agg")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The examples run in this process. Their networks are tiny: with more than one thread torch
+# spends most of its time synchronising (a gallery example took 5-20x the CPU time on 2 busy
+# cores), so the build uses one.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
