@@ -125,14 +125,15 @@ class Featurizer:
         if self.cache is None:
             self.cache = PROJECTORS
 
-    def records(self, xb, yb, outputs=None):
+    def records(self, xb, yb, outputs=None, **plan):
         """Gradient records of the output for one batch (``outputs`` receives the logits;
-        :attr:`info` which engine ran and why)."""
+        :attr:`info` which engine ran and why; ``plan``: ``reserved=`` bytes and the
+        ``projector=``, counted against the memory budget)."""
         m = self.model
         return _grad.compute_records(
             self.net, xb, output=self.output, y=yb, loss=m.loss_fn,
             prefixes=self.output.prefixes(m.prefixes_), method=self.method, outputs=outputs,
-            info=self.info,
+            info=self.info, **plan,
         )
 
     def projector(self):
@@ -177,7 +178,8 @@ class Featurizer:
             xb = Xt[i0 - r0 : i1 - r0]
             yb = None if y_enc is None else y_enc[i0:i1]
             outs = {}
-            recs = self.records(xb, yb, outputs=outs)
+            recs = self.records(xb, yb, outputs=outs, projector=proj,
+                                reserved=F_out.nbytes)
             # into the output rows themselves on the CPU, else through a device buffer
             o = Ft[i0 - r0 : i1 - r0] if Ft is not None else torch.empty(
                 i1 - i0, k, dtype=member.torch_dtype_, device=member.device_)

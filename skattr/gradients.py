@@ -331,27 +331,29 @@ def _structured_once(module, specs, x, output, y, loss, outputs, clone_out, clon
             uses = [(n, c) for n in specs for c in captured[n]]
             outs = [c[1] for _, c in uses]
             m = vals.shape[1]
-            deltas = [[] for _ in uses]
+            # (n, m, *out_shape) per use, filled output by output: no list of m gradients
+            # next to a stacked copy
+            deltas = [u.new_empty(u.shape[0], m, *u.shape[1:]) for u in outs]
             for o in range(m):
                 gs = torch.autograd.grad(
                     vals[:, o].sum(), outs, retain_graph=o < m - 1, allow_unused=True
                 )
                 for i, g in enumerate(gs):
-                    deltas[i].append(torch.zeros_like(outs[i]) if g is None else g)
+                    if g is None:
+                        deltas[i][:, o] = 0
+                    else:
+                        deltas[i][:, o] = g
+                del gs
     finally:
         for h in handles:
             h.remove()
     if all(len(captured[n]) == 1 for n in specs) and not _tied(specs):
         records = []
-        for (n, c), dl in zip(uses, deltas):
+        for (n, c), d in zip(uses, deltas):
             mod, pnames = specs[n]
-            records.extend(_layer_records(n, mod, pnames, c[0], _stack(dl)))
+            records.extend(_layer_records(n, mod, pnames, c[0], d))
         return records
     return _merged_records(module, specs, uses, deltas)
-
-
-def _stack(dl):
-    return dl[0].unsqueeze(1) if len(dl) == 1 else torch.stack(dl, dim=1)  # (n, m, *out_shape)
 
 
 def _tied(specs):
@@ -375,9 +377,8 @@ def _merged_records(module, specs, uses, deltas):
     """
     names = {id(p): n for n, p in module.named_parameters()}  # canonical names, in order
     parts = {}  # canonical name -> list of records (one per use) in parameter layout
-    for (mname, c), dl in zip(uses, deltas):
+    for (mname, c), d in zip(uses, deltas):
         mod, pnames = specs[mname]
-        d = _stack(dl)
         for pn in pnames:  # one record per parameter: a shared weight keeps no bias column
             for r in _layer_records(mname, mod, [pn], c[0], d):
                 parts.setdefault(names[id(getattr(mod, pn))], []).append(r)
@@ -500,7 +501,7 @@ def _autograd(module, prefixes, x, output, y, loss):
     autograd can differentiate (recurrent layers included), at a Python loop's speed."""
     sel = _unique_selected(module, prefixes)
     params = [p for _, p in sel]
-    rows = []
+    out = None  # (n, m, p_j) per parameter, written example by example
     # cuDNN's RNN backward refuses eval mode; the native kernels do not
     with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
         for i in range(x.shape[0]):
@@ -508,15 +509,17 @@ def _autograd(module, prefixes, x, output, y, loss):
             if z.ndim == 1:
                 z = z[:, None]
             v = output_values(output, z, y[i : i + 1], loss)[0]
-            per = []
+            if out is None:
+                out = [p.new_empty(x.shape[0], v.shape[0], p.numel()) for p in params]
             for o in range(v.shape[0]):
                 gs = torch.autograd.grad(v[o], params, retain_graph=o < v.shape[0] - 1,
                                          allow_unused=True)
-                per.append([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)])
-            rows.append(per)
-    return [DenseRecord(k, torch.stack([torch.stack([per[j].reshape(-1) for per in row])
-                                        for row in rows]))
-            for j, (k, _) in enumerate(sel)]
+                for j, g in enumerate(gs):
+                    if g is None:
+                        out[j][i, o] = 0
+                    else:
+                        out[j][i, o] = g.reshape(-1)
+    return [DenseRecord(k, g) for (k, _), g in zip(sel, out)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -551,9 +554,18 @@ def _choose(module, prefixes, method):
 _PROBES = weakref.WeakKeyDictionary()
 
 
-def _probe(module, x, output, y, loss, prefixes, engine):
-    """Bytes per example (records and working memory) and fixed bytes of ``engine`` on this
-    network and input shape, from one no-grad forward pass of one example (cached)."""
+def _probe(module, x, output, y, loss, prefixes, engine, specs=None):
+    """``(per, fixed, m, kept, groups)`` of ``engine`` on this network and input shape
+    (cached): bytes per example of a chunk (its records and working memory), fixed bytes, the
+    number of outputs, the bytes per example of the records alone (what a caller keeps), and
+    the records' parameter groups ``[(key, d_out, d_in, factored)]`` (for a projector's rows).
+
+    The structured engine is run on one example and its records measured (with the formed
+    gradients a kernel keeps for Conv layers); the other engines' records are ``m`` gradients
+    of every parameter.  Working memory comes from one no-grad forward pass: the activations
+    (saved for the backward, and their gradients) and, for the structured engine, the gradient
+    buffers at the hooked outputs.
+    """
     okey = output if isinstance(output, str) else id(output)
     key = (tuple(x.shape[1:]), x.dtype, okey, None if prefixes is None else tuple(prefixes), engine)
     cache = _PROBES.setdefault(module, {})
@@ -575,9 +587,7 @@ def _probe(module, x, output, y, loss, prefixes, engine):
         k = numel(out)
         act[0] += k
         if id(mod) in sel_ids:
-            hooked[0] += numel(inputs[0]) + k
-            if isinstance(mod, _KRON) and not isinstance(mod, nn.Linear):
-                hooked[0] += numel(inputs[0]) * math.prod(mod.kernel_size)  # patches
+            hooked[0] += k
 
     handles = [m.register_forward_hook(hook) for m in leaf]
     try:
@@ -592,18 +602,26 @@ def _probe(module, x, output, y, loss, prefixes, engine):
     P = sum(p.numel() for _, p in _unique_selected(module, prefixes))
     A = act[0] + numel(x[:1]) + z.numel()
     if engine == "structured":
-        # saved activations and one backward's gradients; records: inputs (patches) and one
-        # output gradient per output; dense records of norm and embedding layers
-        dense = sum(p.numel() for mod, pns in sel.values() if not isinstance(mod, _KRON)
-                    for pn in pns for p in [getattr(mod, pn)])
-        per, fixed = isz * (3 * A + hooked[0] * (m + 1) + 2 * m * dense), 0
+        # the records of one example, measured (raises _Unsupported like the engine does);
+        # working: saved activations, one backward's activation gradients, the gradient
+        # buffers at the hooked outputs (one per output) and one backward's gradients there
+        recs = _structured(module, specs if specs is not None else sel, x[:1], output, y[:1],
+                           loss)
+        kept = sum(r.nbytes() + r.dense_nbytes() for r in recs)
+        per, fixed = kept + isz * (3 * A + (m + 1) * hooked[0]), 0
+        groups = [(r.key, r.d.shape[-1], r.d_in, not _dense_cheaper(r))
+                  if isinstance(r, KronRecord) else (r.key, 1, r.n_params, False) for r in recs]
     elif engine == "vmap":
-        # jacrev vmaps the backward over the m outputs: m copies of the activations' gradients
-        # and of the parameter gradients, next to the saved forward
-        per, fixed = isz * (3 * A + 2 * m * A + 2 * m * P), 0
-    else:  # autograd: one example at a time; only the records grow with the chunk
-        per, fixed = isz * m * P, isz * (3 * A + 2 * P)
-    cache[key] = (int(per), int(fixed), int(m))
+        # jacrev vmaps the backward over the m outputs: m copies of the activations'
+        # gradients next to the saved forward; the Jacobian rows are the records
+        kept = isz * m * P
+        per, fixed = kept + isz * (3 * A + 2 * m * A), 0
+    else:  # autograd: one example at a time into preallocated records
+        kept = isz * m * P
+        per, fixed = kept, isz * (3 * A + 3 * P)
+    if engine != "structured":
+        groups = [(k, 1, p.numel(), False) for k, p in _unique_selected(module, prefixes)]
+    cache[key] = (int(per), int(fixed), int(m), int(kept), groups)
     return cache[key]
 
 
@@ -631,6 +649,11 @@ def _cat_records(chunks):
     return out
 
 
+def _slice_records(records, i0, i1):
+    return [KronRecord(r.key, r.x[i0:i1], r.d[i0:i1], bias=r.bias) if isinstance(r, KronRecord)
+            else DenseRecord(r.key, r.g[i0:i1]) for r in records]
+
+
 class DeferredRecords:
     """Records of a batch too large for the memory budget, computed chunk by chunk on use.
 
@@ -649,7 +672,10 @@ class DeferredRecords:
         a consumer drops its reference first, so that two chunks are never held at once."""
         for i0 in range(start, self.n, self.chunk_size):
             i1 = min(self.n, i0 + self.chunk_size)
-            yield i0, i1, self._compute(i0, i1)
+            if self._all is not None:  # formed already (iterated): slices, not a recomputation
+                yield i0, i1, _slice_records(self._all, i0, i1)
+            else:
+                yield i0, i1, self._compute(i0, i1)
 
     def _records(self):
         if self._all is None:
@@ -674,7 +700,7 @@ def _chunks_of(records, start=0):
 
 
 def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=None, method="auto",
-                    outputs=None, budget=None, info=None):
+                    outputs=None, budget=None, info=None, reserved=0, projector=None):
     """Records of per-example gradients of ``output`` for the batch ``x``.
 
     Parameters
@@ -693,14 +719,22 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
         Receives the batch's network outputs (n, C) under ``"logits"``.
     budget : int or str, optional
         Memory budget in bytes (:mod:`skattr._memory`; default ``$SKATTR_MEMORY_BUDGET`` or
-        1 GiB).  The batch is processed in chunks whose records and working memory fit it;
-        when the records of the whole batch do not fit, a :class:`DeferredRecords` is returned
-        and computed chunk by chunk where it is used.  ``MemoryError`` when one example does
-        not fit.
+        1 GiB).  The batch is processed in chunks whose records and working memory fit it,
+        next to ``reserved`` and ``projector``'s rows; when the records of the whole batch do
+        not fit as well, a :class:`DeferredRecords` is returned and computed chunk by chunk
+        where it is used.  A share of the budget (:data:`skattr._memory.SLACK`) is left to
+        the allocator.  ``MemoryError`` when one example does not fit.
     info : dict, optional
         Filled with ``engine`` ("structured", "vmap" or "autograd"), ``reason`` (why that
         engine), ``chunk_size``, ``n_chunks``, ``deferred``, ``bytes_per_example``,
-        ``fixed_bytes`` and ``budget``.
+        ``kept_bytes_per_example`` (the records alone), ``fixed_bytes`` (the engine's,
+        ``reserved`` and the projector's rows) and ``budget``.
+    reserved : int, default=0
+        Bytes the caller holds during the call and counts against the budget (its output
+        rows).
+    projector : Projector, optional
+        The projection the records are for: the rows it will draw for them
+        (:meth:`skattr.projection.Projector.planned_bytes`) count against the budget.
 
     Returns
     -------
@@ -716,30 +750,35 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
     report.clear()
 
     def plan(engine):
-        per, fixed, m = _probe(module, x, output, y, loss, prefixes, engine)
+        per, fixed, m, kept, groups = _probe(module, x, output, y, loss, prefixes, engine,
+                                             specs)
+        fixed += int(reserved)
+        if projector is not None:
+            fixed += projector.planned_bytes(groups)
         c = _memory.plan_chunk(n, per, limit, fixed=fixed,
                                what=f"The {engine} gradient engine")
-        report.update(engine=engine, bytes_per_example=per, fixed_bytes=fixed, budget=limit)
-        return c, m, per
+        report.update(engine=engine, bytes_per_example=per, kept_bytes_per_example=kept,
+                      fixed_bytes=fixed, budget=limit)
+        return c, m, per, kept, fixed
 
     def run(engine, i0, i1):
         outs = {} if outputs is not None else None
         recs = _run(engine, module, prefixes, specs, x[i0:i1], output, y[i0:i1], loss, outs)
         return recs, None if outs is None else outs["logits"]
 
-    chunk, m, per = plan(engine)
     first = None  # the first chunk's (records, logits), from trying the engine on it
-    if engine == "structured":
-        try:
+    try:
+        chunk, m, per, kept, fixed = plan(engine)  # runs the structured engine on one example
+        if engine == "structured":
             first = run(engine, 0, chunk)
-        except _Unsupported as exc:
-            if method == "structured":
-                raise ValueError(
-                    f"The structured gradient engine cannot handle this model: {exc}."
-                ) from None
-            reason = str(exc)
-            engine = "autograd" if _recurrent(module) else "vmap"
-            chunk, m, per = plan(engine)
+    except _Unsupported as exc:
+        if method == "structured":
+            raise ValueError(
+                f"The structured gradient engine cannot handle this model: {exc}."
+            ) from None
+        reason = str(exc)
+        engine = "autograd" if _recurrent(module) else "vmap"
+        chunk, m, per, kept, fixed = plan(engine)
     if engine == "vmap" and first is None:
         try:
             first = run(engine, 0, chunk)
@@ -747,11 +786,13 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
             reason = (f"{reason}; torch.func.vmap failed ({str(exc).splitlines()[0][:200]}), so "
                       "per-example autograd is used")
             engine = "autograd"
-            chunk, m, per = plan(engine)
+            chunk, m, per, kept, fixed = plan(engine)
     report.update(engine=engine, reason=reason, chunk_size=chunk,
                   n_chunks=-(-n // chunk), deferred=False)
-    if chunk < n and per * n > limit:
-        # the records of the whole batch exceed the budget: computed where they are used
+    # all records kept at once: the chunks' records, their concatenation, and one chunk's
+    # working memory; else computed chunk by chunk where they are used
+    whole = kept * n * (1 if chunk >= n else 2) + (per - kept) * chunk + fixed
+    if chunk < n and whole > _memory.usable(limit):
         report["deferred"] = True
         if outputs is not None:
             with torch.no_grad():

@@ -59,6 +59,8 @@ import zlib
 
 import torch
 
+from . import _memory
+
 __all__ = ["KINDS", "STRUCTURED", "ROW_BLOCK", "Projector", "scale_features"]
 
 KINDS = ("rademacher", "gaussian", "sparse", "factored", "kronecker")
@@ -68,8 +70,12 @@ _KRON_SUPER = 256  # rows per kronecker super-block (16 blocks, interleaved; par
 _KRON_VECS = _KRON_SUPER // KRON_SIDE  # u (and v) vectors per super-block
 _KRON_BLOCKS = _KRON_SUPER // (KRON_SIDE * KRON_SIDE)  # blocks per super-block
 ROW_BLOCK = 128  # rows generated per seeded block; part of the projection's definition
-_CACHE_BYTES = 256 * 2**20  # largest dense row block kept per parameter group
-_CACHE_TOTAL = 1024 * 2**20  # and in all, per Projector
+# Dense rows kept in memory: at most this share of the memory budget per parameter group and
+# in all, per Projector (and never more than 256 MiB / 1 GiB); rows not kept are generated in
+# blocks of at most _GEN_SHARE of the budget.  skattr.gradients counts these against the budget.
+_CACHE_SHARE, _CACHE_TOTAL_SHARE, _GEN_SHARE = 1 / 8, 1 / 8, 1 / 32
+_CACHE_BYTES = 256 * 2**20
+_CACHE_TOTAL = 1024 * 2**20
 _K_CHUNK = 256  # factored rows per fused chunk (a speed setting, not part of the definition)
 
 
@@ -175,12 +181,22 @@ class Projector:
         if ck in self._cache:
             o2 += g2 @ self._cache[ck].T
             return
-        rows = max(ROW_BLOCK, (_CACHE_BYTES // max(1, p * 4)) // ROW_BLOCK * ROW_BLOCK)
+        rows = self._gen_rows(p)
         for r0 in range(0, self.k, rows):
             r1 = min(self.k, r0 + rows)
             s0 = self.start
             P = _dense_rows(kind, self.seed, key, s0 + r0, s0 + r1, p, self.dtype).to(self.device)
             o2[:, r0:r1] += g2 @ P.T
+
+    def _caps(self):
+        """(bytes kept per group, kept in all, generated at once) under the memory budget."""
+        b = _memory.memory_budget()
+        return (min(_CACHE_BYTES, int(b * _CACHE_SHARE)),
+                min(_CACHE_TOTAL, int(b * _CACHE_TOTAL_SHARE)), int(b * _GEN_SHARE))
+
+    def _gen_rows(self, p):
+        """Rows generated at once for a group of ``p`` coordinates whose rows are not kept."""
+        return max(ROW_BLOCK, (self._caps()[2] // max(1, p * 4)) // ROW_BLOCK * ROW_BLOCK)
 
     def _caches_dense(self, key: str, p: int) -> bool:
         """Whether the dense rows of group ``key`` (``p`` coordinates) are, or would be, kept in
@@ -188,7 +204,40 @@ class Projector:
         if (key, self._dense_kind) in self._cache:
             return True
         nbytes = self.k * p * torch.finfo(self.dtype).bits // 8
-        return nbytes <= _CACHE_BYTES and self._cached_bytes + nbytes <= _CACHE_TOTAL
+        per_group, total, _ = self._caps()
+        return nbytes <= per_group and self._cached_bytes + nbytes <= total
+
+    def planned_bytes(self, groups):
+        """Bytes this projector will newly hold while projecting the parameter groups
+        ``groups``, ``[(key, d_out, d_in, factored)]`` (``factored``: projected from an
+        (input, output-gradient) pair under a structured kind): row factors and kept dense rows
+        not drawn yet, plus the largest block generated at once (float32 rows and their copy).
+        The memory planner of :func:`skattr.gradients.compute_records` counts it."""
+        isz = torch.finfo(self.dtype).bits // 8
+        new, transient, cached = 0, 0, self._cached_bytes
+        per_group, total, _ = self._caps()
+        for key, d_out, d_in, factored in groups:
+            if factored and self.kind in STRUCTURED:
+                if (key, self.kind) not in self._cache:
+                    r0, r1 = self._factor_range()
+                    new += (r1 - r0) * (d_out + d_in) * isz
+                    transient = max(transient, (r1 - r0) * max(d_out, d_in) * (4 + isz))
+                continue
+            p = d_out * d_in
+            if self._dense_kind == "sparse":
+                if (key, "sparse") not in self._cache:
+                    new += self.k * (math.ceil(math.sqrt(p)) * (8 + isz) + 8)
+                continue
+            if (key, self._dense_kind) in self._cache:
+                continue
+            nbytes = self.k * p * isz
+            if nbytes <= per_group and cached + nbytes <= total:  # as _caches_dense decides
+                cached += nbytes
+                new += nbytes
+                transient = max(transient, self.k * p * isz + ROW_BLOCK * p * 4)
+            else:
+                transient = max(transient, min(self.k, self._gen_rows(p)) * p * (4 + 2 * isz))
+        return int(new + transient)
 
     # -- factored rows on an (input, output-gradient) pair ------------------------------
     def factors(self, key: str, d_out: int, d_in: int):

@@ -163,7 +163,7 @@ class _GradientKernel(_BaseKernel):
     def _labels(self, X, y):
         return None
 
-    def _records(self, Xt, y):
+    def _records(self, Xt, y, **plan):
         info = {}
         recs = _grad.compute_records(
             self.model_.network(),
@@ -174,6 +174,7 @@ class _GradientKernel(_BaseKernel):
             prefixes=self.model_.prefixes_,
             method=self.method,
             info=info,
+            **plan,  # reserved=, projector=: counted against the memory budget
         )
         if getattr(self, "engine_", None) is None:
             self.engine_ = {k: info.get(k) for k in ("engine", "reason")}
@@ -189,7 +190,9 @@ class _GradientKernel(_BaseKernel):
             device=self.model_.device_, dtype=self.model_.torch_dtype_,
         )
         chunks = self._chunks(Xt.shape[0])
-        batches = ((i0, i1, self._records(Xt[i0:i1], None if y is None else y[i0:i1]))
+        out = Xt.shape[0] * self._n_out() * k * torch.finfo(self.model_.torch_dtype_).bits // 8
+        batches = ((i0, i1, self._records(Xt[i0:i1], None if y is None else y[i0:i1],
+                                          reserved=out, projector=proj))
                    for i0, i1 in _progress(chunks, len(chunks), self.verbose, f"{type(self).__name__} features"))
         return featurize_batches(batches, proj, n=Xt.shape[0])
 
