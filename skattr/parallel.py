@@ -67,12 +67,11 @@ class torch_threads:
         torch.set_num_threads(self.prev)
 
 
-def _run(jobs, n_jobs, verbose, total, desc):
-    """``Parallel(return_as="generator_unordered")`` over ``jobs``, with a progress bar."""
+def _run(jobs, n_jobs, verbose, total, desc, return_as="generator_unordered"):
+    """``Parallel(return_as=...)`` over ``jobs``, with a progress bar."""
     from .featurize import progress
 
-    it = Parallel(n_jobs=n_jobs, return_as="generator_unordered",
-                  verbose=10 if verbose > 1 else 0)(jobs)
+    it = Parallel(n_jobs=n_jobs, return_as=return_as, verbose=10 if verbose > 1 else 0)(jobs)
     return progress(it, total, verbose, desc)
 
 
@@ -145,7 +144,9 @@ def featurize_blocks(featurizer, X, y_enc, store, todo, *, dim, n_jobs=None, ver
             copy.deepcopy(fz(m)) if threads else fz(m), _shard(X, r0, r1), None if y_enc[m] is None else _shard(y_enc[m], r0, r1),
             m, b, r0, r1, dim, store if on_disk else None, torch.get_num_threads()))
     try:
-        for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc):
+        # "list": with joblib 1.6's Dask backend a task retried after its worker died is only
+        # collected this way (the generators wait for it forever)
+        for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc, return_as="list"):
             if not on_disk:
                 store.write(m, b, F, q)
     except BlockError as exc:

@@ -1,0 +1,163 @@
+"""Parallel featurisation and out-of-core TRAK scoring (issue 14).
+
+Three measurements, each in one process tree, printed as ratios:
+
+1. ``--part throughput``: TRAK featurisation of jittered digits into an on-disk store with
+   ``n_jobs=1`` (this process) and ``n_jobs=2`` (joblib's loky processes), rows per second and
+   their ratio; workers are started (and have imported torch) before the clock starts, and
+   their start-up is printed separately.
+2. ``--part dask``: the same featurisation with two joblib loky workers and with a
+   ``dask.distributed.LocalCluster`` of two worker processes (``parallel_config(backend="dask")``):
+   Dask's overhead at equal workers.
+3. ``--part scale``: TRAK on ``--n-train`` (10^6) jittered digits rows featurised into the store,
+   then ``attribute(X_test, out=folder)`` for ``--n-test`` (1,000) targets written blockwise to a
+   score store, and ``top_k`` streamed through the blocks; the peak resident memory of the
+   process (``resource.getrusage``) and the times.  The training features are real (projected
+   gradients of a digits MLP), not synthetic.
+
+    python benchmarks/bench_dask.py --part throughput
+    python benchmarks/bench_dask.py --part dask
+    python benchmarks/bench_dask.py --part scale --n-train 1000000 --n-test 1000
+
+torch runs one thread per process (``torch.set_num_threads(1)``): the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from skattr import TorchModel
+from skattr.estimators import TRAK
+
+torch.set_num_threads(1)
+
+
+def digits(n, seed=0):
+    """``n`` rows of digits with Gaussian jitter (0.05 of the pixel range), float32."""
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16).astype("float32")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(X), n)
+    return (X[idx] + rng.normal(0, 0.05, (n, 64)).astype("float32")), y[idx]
+
+
+def model(seed=0):
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16).astype("float32")
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return TorchModel(net, epochs=5, lr=0.1, random_state=seed).fit(X, y)
+
+
+def _warm(n_jobs):
+    """Start joblib's workers (and import skattr in them) before timing."""
+    t = time.perf_counter()
+    joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(_import)() for _ in range(2 * n_jobs))
+    return time.perf_counter() - t
+
+
+def _import():
+    import skattr.estimators  # noqa: F401
+
+    return 0
+
+
+def featurise(m, X, y, k, block, n_jobs, root):
+    d = Path(tempfile.mkdtemp(dir=root))
+    t = time.perf_counter()
+    trak = TRAK(m, projection_dim=k, store=d, block_size=block, n_jobs=n_jobs).fit(X, y)
+    dt = time.perf_counter() - t
+    F = np.concatenate([np.asarray(F) for _, _, F, _ in trak.store_.iter_blocks(0)])
+    shutil.rmtree(d)
+    return dt, F
+
+
+def part_throughput(a):
+    m, (X, y) = model(), digits(a.n, 1)
+    start = _warm(2)
+    t1, F1 = featurise(m, X, y, a.k, a.block, 1, a.root)
+    t2, F2 = featurise(m, X, y, a.k, a.block, 2, a.root)
+    print(f"featurisation of {a.n} rows, k={a.k}, blocks of {a.block} (loky workers started in "
+          f"{start:.1f} s, not timed)")
+    print(f"  n_jobs=1: {t1:.2f} s  {a.n / t1:,.0f} rows/s")
+    print(f"  n_jobs=2: {t2:.2f} s  {a.n / t2:,.0f} rows/s")
+    print(f"  speed-up 2 vs 1 workers: {t1 / t2:.2f}x; features identical: {np.array_equal(F1, F2)}")
+
+
+def part_dask(a):
+    from dask.distributed import Client, LocalCluster
+
+    m, (X, y) = model(), digits(a.n, 1)
+    _warm(2)
+    tl, Fl = featurise(m, X, y, a.k, a.block, 2, a.root)
+    t = time.perf_counter()
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.run(_import)
+        start = time.perf_counter() - t
+        with joblib.parallel_config(backend="dask"):
+            td, Fd = featurise(m, X, y, a.k, a.block, None, a.root)
+    print(f"featurisation of {a.n} rows, k={a.k}, blocks of {a.block}, 2 workers each "
+          f"(Dask LocalCluster started in {start:.1f} s, not timed)")
+    print(f"  joblib loky: {tl:.2f} s  {a.n / tl:,.0f} rows/s")
+    print(f"  Dask       : {td:.2f} s  {a.n / td:,.0f} rows/s")
+    print(f"  Dask / loky time: {td / tl:.2f}; features identical: {np.array_equal(Fl, Fd)}")
+
+
+def part_scale(a):
+    m = model()
+    root = Path(tempfile.mkdtemp(dir=a.root))
+    try:
+        X, y = digits(a.n_train, 1)
+        Xt, yt = digits(a.n_test, 2)
+        t = time.perf_counter()
+        trak = TRAK(m, projection_dim=a.k, store=root / "features", block_size=a.block,
+                    n_jobs=a.n_jobs).fit(X, y)
+        t_fit = time.perf_counter() - t
+        rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        del X, y
+        t = time.perf_counter()
+        st = trak.attribute(Xt, yt, out=root / "scores")
+        t_out = time.perf_counter() - t
+        t = time.perf_counter()
+        top = trak.top_k(Xt, yt, k=10)
+        t_top = time.perf_counter() - t
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        # check: the store's top-k equals the streamed one, and one block against a direct product
+        same = np.array_equal(st.top_k(10).proponents, top.proponents)
+        print(f"TRAK, {a.n_train:,} train x {a.n_test:,} test, k={a.k}, blocks of {a.block}, "
+              f"n_jobs={a.n_jobs} (digits MLP 64-64-10, real projected gradients)")
+        print(f"  fit (featurise into the store + Phi^T Phi): {t_fit:.1f} s "
+              f"({trak.store_.nbytes() / 2**30:.2f} GiB of features on disk)")
+        print(f"  attribute(out=...): {t_out:.1f} s, {st.nbytes() / 2**30:.2f} GiB of float64 "
+              f"scores written in {st.n_blocks} blocks")
+        print(f"  top_k(k=10) streamed: {t_top:.1f} s; equals the score store's top-k: {same}")
+        print(f"  peak RSS of this process: {rss_fit:.2f} GiB after fit, {rss:.2f} GiB in all "
+              f"(ru_maxrss; children not included)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["throughput", "dask", "scale"], required=True)
+    p.add_argument("--n", type=int, default=20000, help="rows featurised (throughput, dask)")
+    p.add_argument("--n-train", type=int, default=1_000_000)
+    p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--k", type=int, default=256, help="projection_dim")
+    p.add_argument("--block", type=int, default=4096)
+    p.add_argument("--n-jobs", type=int, default=1, help="workers of the scale part")
+    p.add_argument("--root", default=None, help="folder for the stores (default: a temp dir)")
+    args = p.parse_args()
+    {"throughput": part_throughput, "dask": part_dask, "scale": part_scale}[args.part](args)

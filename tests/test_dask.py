@@ -1,0 +1,209 @@
+"""skattr on a real ``dask.distributed`` cluster through ``joblib.parallel_config(backend="dask")``.
+
+One module-scoped ``LocalCluster`` of two worker processes (one thread each).  What runs on it
+(TRAK featurisation into an on-disk store, the store's Gram matrix, blockwise scores and top-k,
+ensemble members, LDS subset models, SGLD chains) is compared with the same computation in this
+process.  Then a worker is killed in the middle of a featurisation, and another raises.
+
+Skipped when dask.distributed is missing, except under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+import torch
+
+from skattr import TorchModel
+from skattr.estimators import TRAK
+from skattr.estimators.loss_kernel import LossKernel
+from skattr.metrics import SubsetRetrainer
+from skattr.parallel import BlockError
+
+try:
+    from dask.distributed import Client, LocalCluster
+except ImportError:  # pragma: no cover
+    if os.environ.get("CI") == "true":
+        raise
+    pytest.skip("dask.distributed is not installed", allow_module_level=True)
+
+MAGIC = 7.75  # an input value no normal draw takes: marks the row a KillNet acts on
+
+
+class KillNet(torch.nn.Module):
+    """An MLP whose forward pass, once the file ``sentinel`` exists and the batch holds a row
+    starting with MAGIC, deletes the file and kills its process (``mode="exit"``) or raises
+    (``mode="raise"``): a worker dying (or failing) in the middle of one block, once."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+        self.sentinel, self.mode, self.log = None, "exit", None
+
+    def forward(self, x):
+        if self.log:  # which block (its first row's first input) this process runs
+            with open(self.log, "a") as fh:
+                fh.write(f"{os.getpid()} {float(x[0, 0])!r}\n")
+        if self.sentinel and bool((x[:, 0] == MAGIC).any()) and os.path.exists(self.sentinel):
+            os.remove(self.sentinel)
+            if self.mode == "exit":
+                os._exit(3)
+            raise ValueError("simulated failure in the forward pass")
+        return self.body(x)
+
+
+def _data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 6)).astype("float32")
+    y = ((X[:, 0] > 0).astype(int) + (X[:, 1] > 0.5).astype(int)) % 3
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def client():
+    # the workers import this module (KillNet) from tests/
+    cluster = LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+        silence_logs=logging.CRITICAL, env={"PYTHONPATH": str(Path(__file__).parent)},
+    )
+    cl = Client(cluster)
+    yield cl
+    cl.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    X, y = _data(80)
+    X[45, 0] = MAGIC  # in block 4 of 10-row blocks
+    Xt, yt = _data(9, seed=1)
+    torch.manual_seed(0)
+    model = TorchModel(KillNet(), epochs=3, lr=0.1, random_state=0).fit(X, y)
+    return model, X, y, Xt, yt
+
+
+def _features(trak):
+    st = trak._features
+    return np.stack([np.concatenate([np.asarray(F) for _, _, F, _ in st.iter_blocks(m)])
+                     for m in range(st.n_models)])
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.module_.state_dict().items()}
+
+
+def test_trak_on_dask_equals_one_process(client, setup, tmp_path):
+    """TRAK-2 (members trained, features, Gram, scores, score store, top-k) through Dask equals
+    the same computation in this process bit for bit."""
+    model, X, y, Xt, yt = setup
+    kw = dict(projection_dim=16, n_models=2, block_size=10)
+    ref = TRAK(model, **kw, store=tmp_path / "ref").fit(X, y)
+    S = ref.attribute(Xt, yt)
+    with joblib.parallel_config(backend="dask"):
+        d = TRAK(model, **kw, store=tmp_path / "dask").fit(X, y)
+        S_d = d.attribute(Xt, yt)
+        st = d.attribute(Xt, yt, out=tmp_path / "scores")
+        top = d.top_k(Xt, yt, k=5)
+    writers = {st.marker(0, b)["writer"] for b in range(st.n_blocks)}
+    assert len(writers) == 2 and all(w.split(":")[1] != str(os.getpid()) for w in writers)
+    for a, b in zip(ref.models_, d.models_):
+        sa, sb = _state(a), _state(b)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    np.testing.assert_array_equal(_features(d), _features(ref))
+    np.testing.assert_array_equal(d.cholesky_[0], ref.cholesky_[0])
+    np.testing.assert_array_equal(S_d, S)
+    np.testing.assert_array_equal(np.asarray(st), S)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-S, axis=1, kind="stable")[:, :5])
+    np.testing.assert_array_equal(top.opponents, np.argsort(S, axis=1, kind="stable")[:, :5])
+
+
+def test_lds_on_dask_equals_one_process(client, setup):
+    """The LDS's subset models trained on the cluster equal the local ones bit for bit, and so
+    does the LDS."""
+    model, X, y, Xt, yt = setup
+    ref = SubsetRetrainer(model, n_subsets=3).fit(X, y)
+    with joblib.parallel_config(backend="dask"):
+        d = SubsetRetrainer(model, n_subsets=3).fit(X, y)
+    for a, b in zip(ref.models_, d.models_):
+        sa, sb = _state(a), _state(b)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    trak = TRAK(model, projection_dim=16).fit(X, y)
+    assert d.score(trak, Xt, yt) == ref.score(trak, Xt, yt)
+
+
+def test_loss_kernel_chains_on_dask(client, setup):
+    """SGLD chains on the cluster: each chain is the local chain (loss traces equal bit for
+    bit); the kernel pools per-chain accumulators instead of one shared accumulator, so it
+    equals the local kernel to float64 rounding (rtol 1e-10)."""
+    model, X, y, _, _ = setup
+    kw = dict(n_chains=2, n_draws=8, burn_in=4, thin=1, step_size=1e-4, keep=None)
+    ref = LossKernel(model, **kw, n_jobs=1).fit(X[:40], y[:40])
+    with joblib.parallel_config(backend="dask"):
+        d = LossKernel(model, **kw).fit(X[:40], y[:40])
+    np.testing.assert_array_equal(d.loss_traces_, ref.loss_traces_)
+    np.testing.assert_allclose(d.kernel_, ref.kernel_, rtol=1e-10, atol=1e-12)
+
+
+def _runs(log, X):
+    """How many times a worker featurised each 10-row block (from the KillNet log; the forward
+    passes of this process are left out)."""
+    first = {float(X[10 * b, 0]): b for b in range(8)}
+    counts = dict.fromkeys(range(8), 0)
+    lines = Path(log).read_text().splitlines() if Path(log).exists() else []
+    for pid, value in (line.split() for line in lines):
+        if int(pid) != os.getpid() and float(value) in first:
+            counts[first[float(value)]] += 1
+    return counts
+
+
+def test_killed_worker_then_resume(client, setup, tmp_path):
+    """A worker process dies in the middle of the featurisation (in block 4): Dask reruns that
+    block on a live worker, every other block runs once, and the features equal those of a run
+    in this process bit for bit; a rerun on the same store recomputes nothing.  A worker that
+    raises stops the run with an error naming the block, its rows and the worker; the blocks
+    finished before are kept and the rerun computes only the others."""
+    model, X, y, _, _ = setup
+    kw = dict(projection_dim=16, block_size=10)
+    ref = TRAK(model, **kw, store=tmp_path / "ref").fit(X, y)
+    net = model.module_
+    net.sentinel, net.log = str(tmp_path / "kill-once"), str(tmp_path / "log")
+    Path(net.sentinel).touch()
+    try:
+        trak = TRAK(model, **kw, store=tmp_path / "run")
+        pids_before = set(client.run(os.getpid).values())
+        with joblib.parallel_config(backend="dask"):
+            trak.fit(X, y)
+        assert not Path(net.sentinel).exists()  # it ran, and killed its worker
+        assert set(client.run(os.getpid).values()) != pids_before  # the nanny restarted it
+        assert _runs(net.log, X) == {**dict.fromkeys(range(8), 1), 4: 2}
+        np.testing.assert_array_equal(_features(trak), _features(ref))
+        with joblib.parallel_config(backend="dask"):
+            trak.fit(X, y)
+        assert _runs(net.log, X) == {**dict.fromkeys(range(8), 1), 4: 2}  # nothing recomputed
+
+        # a worker that raises: the error names the block, its rows and the worker
+        net.mode = "raise"
+        Path(net.sentinel).touch()
+        Path(net.log).unlink()
+        failing = TRAK(model, **kw, store=tmp_path / "raise")
+        with joblib.parallel_config(backend="dask"):
+            with pytest.raises(BlockError, match=r"block 4 of model 0 \(rows 40:50\) failed on "
+                                                 r"worker \S+:\d+: ValueError: simulated failure"):
+                failing.fit(X, y)
+        first = _runs(net.log, X)
+        (folder,) = (tmp_path / "raise").glob("store-*")
+        kept = {int(p.name[6:12]) for p in folder.glob("*.done")}
+        assert 4 not in kept
+        with joblib.parallel_config(backend="dask"):
+            failing.fit(X, y)
+        again = _runs(net.log, X)
+        assert all(again[b] == first[b] for b in kept)  # finished blocks: not recomputed
+        assert again[4] == first[4] + 1 and all(again[b] >= 1 for b in range(8))
+        np.testing.assert_array_equal(_features(failing), _features(ref))
+    finally:
+        net.sentinel, net.mode, net.log = None, "exit", None
