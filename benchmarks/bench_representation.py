@@ -19,7 +19,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py            # 1,500 train, 200 test
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --quick
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --class-agreement   # only that table
-    OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --store             # memory vs disk
+    OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --store --epochs 20  # memory vs disk
 
 ``--class-agreement``: on digits (1,000 train / 300 test) and a differently built synthetic set
 (``make_classification``: 8 classes of two Gaussian clusters, signed standardised features;
@@ -192,7 +192,7 @@ def class_agreement(epochs=10):
                       "plain SGD, 1,000 train, float32)")
 
 
-def _store_child(mode, n_train, epochs, folder):
+def _store_child(mode, n_train, epochs, folder, label):
     """One fit + attribute in this (fresh) process; prints times and the peak RSS."""
     import resource
     import time
@@ -200,6 +200,7 @@ def _store_child(mode, n_train, epochs, folder):
     X, y = load_digits_data()
     Xtr, ytr, Xte = X[:n_train], y[:n_train], X[-200:]
     model = TorchModel(make_mlp(0), epochs=epochs, lr=0.1, momentum=0.0, batch_size=64, random_state=0)
+    RepresentationTracer(clone(model).set_params(epochs=1)).fit(Xtr[:256], ytr[:256]).attribute(Xte)  # warm-up
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     tr = RepresentationTracer(model, store=None if mode == "memory" else folder).fit(Xtr, ytr)
@@ -207,7 +208,7 @@ def _store_child(mode, n_train, epochs, folder):
     S = tr.attribute(Xte)
     t2 = time.perf_counter()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    np.save(os.path.join(folder, f"scores-{mode}.npy"), S)
+    np.save(os.path.join(folder, f"scores-{label}.npy"), S)
     print(f"RESULT {t1 - t0:.3f} {t2 - t1:.3f} {(rss - rss0) / 1024:.1f} {tr.record_bytes_ / 2**20:.1f}")
 
 
@@ -222,15 +223,15 @@ def store_table(n_train, epochs):
     folder = tempfile.mkdtemp(prefix="skattr-trace-")
     rows, res = [], {}
 
-    def run(mode):
+    def run(mode, label):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--store-child", mode,
-                              "--n-train", str(n_train), "--epochs", str(epochs), "--folder", folder],
-                             capture_output=True, text=True, check=True).stdout
+                              "--n-train", str(n_train), "--epochs", str(epochs), "--folder", folder,
+                              "--label", label], capture_output=True, text=True, check=True).stdout
         return [float(v) for v in out.split("RESULT")[1].split()]
 
     try:
         for mode in ("memory", "store"):
-            res[mode] = run(mode)
+            res[mode] = run(mode, mode)
         markers = sorted(p for p in __import__("pathlib").Path(folder).rglob("*.done"))
         stores = {}
         for p in markers:
@@ -238,17 +239,17 @@ def store_table(n_train, epochs):
         for ms in stores.values():
             for p in ms[len(ms) // 2:]:
                 p.unlink()
-        res["store, resumed from half"] = run("store")
-        S0 = np.load(os.path.join(folder, "scores-memory.npy"))
-        S1 = np.load(os.path.join(folder, "scores-store.npy"))
+        res["store, resumed from half"] = run("store", "resumed")
+        S0, S1, S2 = (np.load(os.path.join(folder, f"scores-{k}.npy")) for k in ("memory", "store", "resumed"))
         for mode, (fit, att, rss, mib) in res.items():
             rows.append([mode, f"{fit:.2f}", f"{fit / res['memory'][0]:.2f}", f"{att:.2f}",
                          f"{att / res['memory'][1]:.2f}", f"{rss:.0f}", f"{mib:.1f}"])
         print_table(rows, ["records", "fit (s)", "ratio", "attribute 200 (s)", "ratio",
                            "peak RSS growth (MiB)", "record MiB (memory or disk)"],
                     title=f"MLP 64-256-256-10, {n_train} train, {epochs} epochs, batch 64: records in "
-                          f"memory vs on disk (max |score difference| store vs memory "
-                          f"{np.abs(S1 - S0).max():.1e}, resumed run's scores = first store run's)")
+                          f"memory vs on disk; max |score difference| from memory: store "
+                          f"{np.abs(S1 - S0).max():.1e}, resumed {np.abs(S2 - S0).max():.1e}; "
+                          f"resumed vs store bit-identical: {np.array_equal(S1, S2)}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -261,10 +262,11 @@ def main():
     parser.add_argument("--store", action="store_true", help="only the memory vs on-disk table")
     parser.add_argument("--store-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.store_child:
         torch.set_num_threads(int(args.threads) or torch.get_num_threads())
-        return _store_child(args.store_child, args.n_train, args.epochs, args.folder)
+        return _store_child(args.store_child, args.n_train, args.epochs, args.folder, args.label)
     if args.store:
         setup(args, "RepresentationTracer: records in memory vs on disk")
         return store_table(args.n_train, args.epochs)

@@ -44,7 +44,7 @@ from torch import nn
 
 from .training import Callback
 
-_STORE_BLOCK_BYTES = 32 * 2**20  # target size of one on-disk block of records (several steps)
+_STORE_BLOCK_BYTES = 8 * 2**20  # target size of one on-disk block of records (several steps)
 
 __all__ = ["ClasswiseBatches", "RepresentationRecorder", "StepRecord", "TRACEABLE", "layer_dims", "layer_input",
            "traceable_layers"]
