@@ -371,9 +371,16 @@ class LazyRecursion:
 class LeanRecursion:
     """``-grad l(x, theta_T) . d_i`` for fixed targets, accumulated over a replay from the
     Hessian-free closed form ``d_i = sum_t a_t g_{i,t}`` (one scalar per example and target),
-    and ``-grad l_i(theta_T) . d_i`` (self-influence) from records of ``grad l_i(theta_T)``."""
+    and ``-grad l_i(theta_T) . d_i`` (self-influence) from records of ``grad l_i(theta_T)``.
+
+    When every record is a one-position Kronecker record (Linear layers), each step's rows are
+    written into buffers reused for the whole replay (``-a_t`` folded into the output factor as
+    they are copied) and contracted ``flush_rows`` at a time; a bias enters as ``x . x' + 1``
+    instead of a ones column appended to the inputs.  Other records are buffered as lists and
+    contracted with :func:`skattr.gradients.gram`."""
 
     uses_records = True
+    flush_rows = 512
 
     def __init__(self, source, tracked, n_train, coefficients, target_records, self_records=None):
         self.source = source
@@ -382,15 +389,13 @@ class LeanRecursion:
         self.pos[self.tracked] = np.arange(len(self.tracked))
         self.a = np.asarray(coefficients, dtype=np.float64)
         self.rx = target_records
-        # the bias column appended once (not at every gather of the rows of a batch)
-        self.rself = None if self_records is None else [
-            _grad.KronRecord(r.key, r.a, r.d, False) if isinstance(r, _grad.KronRecord) else r
-            for r in self_records]
+        self.rself = self_records
         n_t = _grad.records_shape(target_records)[0] if target_records is not None else 0
         dev = source.model.device_
         self.scores_t = torch.zeros(len(self.tracked), n_t, dtype=torch.float64, device=dev)
         self.self_scores = torch.zeros(len(self.tracked), dtype=torch.float64, device=dev)
         self._buf, self._n = [], 0
+        self._fixed = None  # the reused buffers of the Kronecker path, made at the first step
 
     @property
     def scores(self):
@@ -398,20 +403,47 @@ class LeanRecursion:
         self.flush()
         return self.scores_t.T
 
-    flush_rows = 512
+    @staticmethod
+    def _kron1(recs):
+        return recs is None or all(isinstance(r, _grad.KronRecord) and r.L == 1 for r in recs)
 
     def add(self, t, rows, recs, lr):
         if not len(rows):
             return
         c = -float(self.a[t])
-        scaled = [_grad.KronRecord(r.key, r.x, r.d * c, r.bias) if isinstance(r, _grad.KronRecord)
-                  else _grad.DenseRecord(r.key, r.g * c) for r in recs]
-        self._buf.append((np.asarray(rows), scaled))
-        self._n += len(rows)
-        if self._n >= self.flush_rows:
+        if self._fixed is None:
+            self._fixed = self._kron1(recs) and self._kron1(self.rx) and self._kron1(self.rself)
+            if self._fixed:
+                cap = self.flush_rows + len(rows)
+                self._rows = torch.empty(cap, dtype=torch.int64, device=self.scores_t.device)
+                self._xb = [r.x.new_empty((cap,) + tuple(r.x.shape[2:])) for r in recs]
+                self._db = [r.d.new_empty((cap,) + tuple(r.d.shape[2:])) for r in recs]
+                self._bias = [bool(r.bias) for r in recs]
+        if not self._fixed:
+            scaled = [_grad.KronRecord(r.key, r.x, r.d * c, r.bias) if isinstance(r, _grad.KronRecord)
+                      else _grad.DenseRecord(r.key, r.g * c) for r in recs]
+            self._buf.append((np.asarray(rows), scaled))
+            self._n += len(rows)
+            if self._n >= self.flush_rows:
+                self.flush()
+            return
+        n0 = self._n
+        if n0 + len(rows) > self._rows.shape[0]:
+            self.flush()
+            n0 = 0
+        n1 = n0 + len(rows)
+        self._rows[n0:n1] = torch.as_tensor(rows)
+        for r, xb, db in zip(recs, self._xb, self._db):
+            xb[n0:n1] = r.x[:, 0]
+            torch.mul(r.d[:, 0], c, out=db[n0:n1])
+        self._n = n1
+        if n1 >= self.flush_rows:
             self.flush()
 
     def flush(self):
+        if self._fixed:
+            self._flush_fixed()
+            return
         if not self._buf:
             return
         rows = np.concatenate([r for r, _ in self._buf])
@@ -422,6 +454,36 @@ class LeanRecursion:
             self.scores_t.index_add_(0, rt, _grad.gram(recs, self.rx).to(torch.float64))
         if self.rself is not None:
             self.self_scores.index_add_(0, rt, row_dots(take_records(self.rself, rt), recs).to(torch.float64))
+
+    def _flush_fixed(self):
+        n = self._n
+        if not n:
+            return
+        self._n = 0
+        rt = self._rows[:n]
+        K = S = None
+        for j, (xb, db, bias) in enumerate(zip(self._xb, self._db, self._bias)):
+            x, d = xb[:n], db[:n].flatten(1)
+            if self.rx is not None:
+                tx = self.rx[j]
+                term = x @ tx.x[:, 0].T
+                if bias:
+                    term += 1.0
+                term *= d @ tx.d[:, 0].flatten(1).T
+                K = term if K is None else K.add_(term)
+            if self.rself is not None:
+                sx = self.rself[j]
+                xs = sx.x[:, 0].index_select(0, rt)
+                ds = sx.d[:, 0].flatten(1).index_select(0, rt)
+                term = (x * xs).sum(1)
+                if bias:
+                    term += 1.0
+                term *= (d * ds).sum(1)
+                S = term if S is None else S.add_(term)
+        if K is not None:
+            self.scores_t.index_add_(0, rt, K.to(torch.float64))
+        if S is not None:
+            self.self_scores.index_add_(0, rt, S.to(torch.float64))
 
 
 class DenseRecursion:

@@ -212,6 +212,27 @@ def test_lean_equals_vector(run):
         lean.attribute(Xq[:2], yq[:2])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_lean_buffers_flush_within_the_replay(run, monkeypatch, bias):
+    """The lean replay's reused buffers, flushed every few rows (steps split across flushes),
+    with and without a bias, on a tracked subset: the same as the full-vector recursion."""
+    X, y, *_ = run
+    Xq, yq = _data(5, seed=5)
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, 5, bias=bias), nn.Tanh(), nn.Linear(5, C, bias=bias)).double()
+
+    params = dict(epochs=6, batch_size=8, lr=0.3, momentum=0.9, weight_decay=0.05,
+                  lr_schedule="cosine", dtype="float64", random_state=0)
+    track = [20, 3, 0, 17, 9, 11]
+    vec = HYDRA(TorchModel(net(), **params), track=track).fit(X, y)
+    monkeypatch.setattr(hg.LeanRecursion, "flush_rows", 5)
+    lean = HYDRA(TorchModel(net(), **params), mode="lean", track=track).fit(X, y, X_target=Xq, y_target=yq)
+    np.testing.assert_allclose(lean.attribute(None), vec.attribute(Xq, yq), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(lean.self_influence(), vec.self_influence(), rtol=1e-6, atol=1e-12)
+
+
 def test_lean_coefficients_closed_form():
     # mu = lambda = 0: a_t = -eta_t (plain SGD: d_i = -sum eta_t / B grad l_i)
     np.testing.assert_allclose(hg.lean_coefficients([0.1, 0.2, 0.3], 0.0, 0.0), [-0.1, -0.2, -0.3])
