@@ -27,7 +27,7 @@ import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from joblib.parallel import get_active_backend
 
-from .store import ScoreStore, top_k_blocks, writer_id
+from .store import ScoreStore, _merge_top, top_k_blocks, writer_id
 
 __all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks", "torch_threads"]
 
@@ -245,7 +245,7 @@ def _score_block(targets, blocks, scale, chunk):
     return S.cpu().numpy()
 
 
-def _score_job(targets, features, b, blocks, scale, chunk, out, threads):
+def _score_job(targets, features, b, blocks, scale, chunk, out, threads, first=0):
     """One column block in a worker: read from the on-disk ``features`` (or given ``blocks``),
     scored, written to ``out`` (or returned)."""
     try:
@@ -253,6 +253,9 @@ def _score_job(targets, features, b, blocks, scale, chunk, out, threads):
             blocks = {m: _columns(features, m, b) for m, _ in targets}
         with torch_threads(threads):
             S = _score_block(targets, blocks, scale, chunk)
+        if isinstance(out, int):  # the block's own top-k: all a worker sends back
+            c0 = features.block_range(b)[0] if features is not None else first
+            return b, top_k_blocks([(c0, S)], S.shape[0], S.shape[1], min(out, S.shape[1]))
         if out is None:
             return b, S
         out.write(b, S)
@@ -269,7 +272,7 @@ def _score_jobs(targets, features, blist, scale, chunk, out):
         # a worker gets only its block: the store to read it from, or the block's rows
         blocks = None if on_disk else {m: np.array(_columns(features, m, b)) for m, _ in targets}
         yield delayed(_score_job)(targets, features if on_disk else None, b, blocks,
-                                  scale[r0:r1], chunk, out, torch.get_num_threads())
+                                  scale[r0:r1], chunk, out, torch.get_num_threads(), r0)
 
 
 def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None, verbose=0,
@@ -309,18 +312,22 @@ def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None,
             raise ValueError(f"k must lie in [1, n_train={n}], got {k}.")
         if serial:
             blocks = ((features.block_range(b)[0], local(b)) for b in range(nb))
-        else:  # blocks arrive in any order; the merge does not depend on it (ties by index)
-            blocks = ((features.block_range(b)[0], S) for b, S in _run(
-                _score_jobs(targets, features, range(nb), scale, chunk, None),
-                n_jobs, verbose, nb, "scoring"))
-        try:
             return top_k_blocks(blocks, t, n, k)
+        # each worker sends its block's top-k; they arrive in any order, and the merge does
+        # not depend on it (ties by index)
+        from .estimators.base import TopK
+
+        best = [None] * 4
+        try:
+            for _, r in _run(_score_jobs(targets, features, range(nb), scale, chunk, k),
+                             n_jobs, verbose, nb, "scoring"):
+                best[0], best[1] = _merge_top(best[0], best[1], r.proponents, r.proponent_scores, k, 1.0)
+                best[2], best[3] = _merge_top(best[2], best[3], r.opponents, r.opponent_scores, k, -1.0)
         except BlockError:
             raise
         except Exception as exc:
-            if serial:
-                raise
             raise _stopped(exc, None, "Scoring") from exc
+        return TopK(*(np.ascontiguousarray(a) for a in best))
     if not isinstance(out, ScoreStore):
         raise TypeError(f"out must be a ScoreStore, got {type(out).__name__}.")
     if (out.shape, out.block_size) != ((t, n), features.block_size):
