@@ -343,8 +343,9 @@ def plot_image_grid(X, titles=None, *, ncols=6, image_shape=None, row_labels=Non
     nrows = int(np.ceil(n / ncols))
     if row_labels is not None and len(row_labels) != nrows:
         raise ValueError(f"row_labels must have one entry per row: {len(row_labels)} for {nrows} rows.")
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.35 * ncols + (1.2 if row_labels else 0), 2.1 * nrows),
-                             squeeze=False)
+    lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.35 * ncols + (1.2 if row_labels else 0),
+                                                    (1.45 + 0.17 * lines) * nrows), squeeze=False)
     for i, a in enumerate(axes.ravel()):
         a.set_xticks([])
         a.set_yticks([])

@@ -242,13 +242,14 @@ def attribution_report(outdir, *, random_state=0, size="default", progress=None,
              + " '-': not computed (HYDRA and Grad-Cos define no surrogate kernel here; "
              "iterative solvers would need one solve per training digit).")
     rows = []
+    errors = any("error" in r or "tau_error" in r for r in res["rows"])
     for r in res["rows"]:
         lds = f"{r['lds']:.3f}" if np.isfinite(r.get("lds", np.nan)) else "-"
         tau = f"{r['tau']:.3f}" if np.isfinite(r.get("tau", np.nan)) else "-"
-        note = r.get("error") or r.get("tau_error") or ""
-        rows.append([r["method"], lds, tau, f"{r['seconds']:.1f}", note])
+        note = [r.get("error") or r.get("tau_error") or ""] if errors else []
+        rows.append([r["method"], lds, tau, f"{r['seconds']:.1f}"] + note)
     sec.table("LDS and surrogate fidelity per method", ["method", "LDS", "surrogate tau (KRR)",
-                                                         "seconds", "error"], rows)
+                                                         "seconds"] + (["error"] if errors else []), rows)
     sec.figure(path, "LDS (blue) and the Kendall tau of a KRR surrogate on each method's kernel "
                      "(orange) per method; n/a: not computed.")
     return sec

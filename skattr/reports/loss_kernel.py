@@ -224,6 +224,11 @@ def loss_kernel_report(outdir, *, random_state=0, size="default", progress=None,
              f"{lk_d.init_loss_:.3g} -> {np.nanmean(lk_d.draw_losses_):.3g}"],
             ["chains that diverged (multitask, digits)",
              f"{int(lk_mt.diverged_.sum())}, {int(lk_d.diverged_.sum())}"],
+            # fewer than ~100 effective draws leave noise of about 1/sqrt(ess) in each entry
+            ["effective SGLD draws, summed over chains (multitask, digits)",
+             f"{float(np.sum(lk_mt.ess_)):.0f}, {float(np.sum(lk_d.ess_)):.0f} (entries carry noise "
+             f"of about {1 / np.sqrt(max(float(np.sum(lk_mt.ess_)), 1)):.2f}, "
+             f"{1 / np.sqrt(max(float(np.sum(lk_d.ess_)), 1)):.2f})"],
         ])
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6))
         plotting.plot_kernel_heatmap(lk_mt.kernel_, task, ax=axes[0], cmap="RdBu_r", vmin=-1, vmax=1,

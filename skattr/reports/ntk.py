@@ -247,10 +247,14 @@ def _write(sec, rows, heat, keep, ex, outdir, cfg):
 
 def _plot_fidelity(rows, combos, path):
     plt = plotting._plt()
-    fig, axes = plt.subplots(1, len(combos), figsize=(4.2 * len(combos), 3.9), squeeze=False,
+    ncols = min(2, len(combos))
+    nrows = -(-len(combos) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.9 * nrows), squeeze=False,
                              sharey=True)
     colors = {e: f"C{i}" for i, e in enumerate(ESTIMATORS)}
-    for ax, (arch, task) in zip(axes[0], combos):
+    for ax in axes.ravel()[len(combos):]:
+        ax.axis("off")
+    for ax, (arch, task) in zip(axes.ravel(), combos):
         sel = [r for r in rows if (r["model"], r["task"]) == (arch, task)]
         dims = sorted({r["projection_dim"] for r in sel if r["projection_dim"] is not None})
         xs = {d: i for i, d in enumerate(dims)}
@@ -264,9 +268,9 @@ def _plot_fidelity(rows, combos, path):
                             color=colors[est], label=f"{EST_NAMES[est]}, {kern}")
         ax.set_xticks(range(len(dims) + 1), [str(d) for d in dims] + ["exact"])
         ax.set_xlabel("projection size k")
+        ax.set_ylabel("fidelity tau (Kendall)")
         ax.set_title(f"{arch}, digits {task}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("fidelity tau (Kendall)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.tight_layout()
     # right of the panels: inside, the legend would cover lines
@@ -291,11 +295,18 @@ def _faithful_examples(sec, rows, keep, ex, outdir, n=6):
     p = P[np.arange(len(yte)), cols]
     sc = list(sur.classes_)
     s = np.array([S[i, sc.index(c)] if c in sc else 0.0 for i, c in enumerate(yte)])
-    # tau is rank-based: a point is followed closely when its two ranks (percentiles) agree
-    gap = np.abs(rankdata(p) - rankdata(s)) / len(p)
-    order = np.argsort(gap, kind="stable")
+    # tau, point by point: the share of the other points that both order the same way (pairs
+    # tied under the network do not count); as in tau, probabilities of exactly 0 or 1 are left out
+    keep = np.flatnonzero((p > 0) & (p < 1) & np.isfinite(s))
+    if len(keep) < 2 * n + 1:
+        return
+    dp = np.sign(p[keep][:, None] - p[keep][None, :])
+    ds = np.sign(s[keep][:, None] - s[keep][None, :])
+    agree = ((dp * ds) > 0).sum(1) / np.maximum((dp != 0).sum(1), 1)
+    order = keep[np.argsort(-agree, kind="stable")]
+    share = dict(zip(keep, agree))
     pick = np.r_[order[:n], order[::-1][:n]]
-    titles = [f"y={yte[i]}\nnet {p[i]:.2f} / sur {s[i]:.2f}" for i in pick]
+    titles = [f"y={yte[i]}  agree {share[i]:.0%}\nnet {p[i]:.4f}\nsur {s[i]:.4f}" for i in pick]
     plt = plotting._plt()
     fig = plotting.plot_image_grid(Xte[pick], titles, ncols=n, image_shape=(8, 8),
                                    row_labels=["most faithful", "least faithful"])
@@ -304,8 +315,9 @@ def _faithful_examples(sec, rows, keep, ex, outdir, n=6):
     plt.close("all")
     sec.figure(path, f"Test digits the best 10-class surrogate ({EST_NAMES[b['estimator']]} on "
                      f"{b['kernel']}, {b['model']}) follows most closely (top row) and least closely "
-                     "(bottom row): the probability of the true class y under the network and the "
-                     "surrogate, ranked by how far apart their percentiles are.")
+                     "(bottom row). 'agree': the share of the other test digits that the network and "
+                     "the surrogate order the same way by the probability of the true class y (tau "
+                     "point by point); 'net', 'sur': that probability under each.")
 
 
 def format_table(rows):
