@@ -19,6 +19,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py            # 1,500 train, 200 test
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --quick
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --class-agreement   # only that table
+    OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --class-ablation    # why, on digits
     OMP_NUM_THREADS=1 python benchmarks/bench_representation.py --store --epochs 20  # memory vs disk
 
 ``--class-agreement``: on digits (1,000 train / 300 test) and a differently built synthetic set
@@ -192,6 +193,60 @@ def class_agreement(epochs=10):
                       "plain SGD, 1,000 train, float32)")
 
 
+def class_ablation(epochs=10):
+    """Digits, MLP 64-64-10, last layer: the top-10 share by training epochs (which steps' updates
+    are ranked) and by architecture (biases, batch norm, layer norm)."""
+    from torch import nn
+
+    X, y = load_digits_data()
+    Xtr, ytr, Xte, yte = X[:1000], y[:1000], X[1000:1300], y[1000:1300]
+
+    def fit(net):
+        model = TorchModel(net, epochs=epochs, lr=0.1, momentum=0.0, batch_size=32, random_state=0)
+        return RepresentationTracer(model).fit(Xtr, ytr)
+
+    tr = fit(_mlp((64,), False))
+    st = tr.class_statistics(Xte)[tr.layers_[-1]]
+    v, ep = st["cos"] * st["weight"], st["step"] // -(-len(Xtr) // 32)
+    rows = []
+    for e0, e1 in ((0, 1), (0, 2), (2, epochs), (5, epochs), (epochs - 1, epochs), (0, epochs)):
+        keep = (ep >= e0) & (ep < e1)
+        S = np.zeros((len(Xte), len(Xtr)))
+        np.add.at(S.T, st["index"][keep], v[:, keep].T)
+        rows.append([f"epochs {e0 + 1}-{e1}", f"{_shares(S, ytr, yte)[0]:.3f}",
+                     f"{S.sum(1).mean() / v.sum(1).mean():.3f}"])
+    print_table(rows, ["updates of", "last-layer top-10 share", "share of ||p|| they build"],
+                title="MLP 64-64-10 with biases on digits: which steps' updates are ranked")
+
+    def seq(*mods):
+        torch.manual_seed(0)
+        return nn.Sequential(*mods)
+
+    variants = [
+        ("biases, no normalisation", lambda: seq(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))),
+        ("bias-free, no normalisation", lambda: seq(nn.Linear(64, 64, bias=False), nn.ReLU(),
+                                                   nn.Linear(64, 10, bias=False))),
+        ("biases + BatchNorm1d (affine)", lambda: seq(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                                     nn.Linear(64, 10))),
+        ("bias-free + BatchNorm1d (no affine)", lambda: _mlp((64,), True)),
+        ("bias-free + LayerNorm (no affine)", lambda: seq(nn.Linear(64, 64, bias=False),
+                                                         nn.LayerNorm(64, elementwise_affine=False),
+                                                         nn.ReLU(), nn.Linear(64, 10, bias=False))),
+    ]
+    rows = []
+    for name, make in variants:
+        tr = fit(make())
+        shares = [_shares(tr.attribute(Xte, layer=n), ytr, yte)[0] for n in tr.layers_]
+        A_tr, A_te = _last_input(tr, Xtr), _last_input(tr, Xte)
+        cos_a = (A_te / np.linalg.norm(A_te, axis=1, keepdims=True)) @ (
+            A_tr / np.linalg.norm(A_tr, axis=1, keepdims=True)).T
+        rows.append([name, f"{tr.model_.score(Xte, yte):.3f}", f"{shares[0]:.3f}", f"{shares[-1]:.3f}",
+                     f"{cos_a[yte[:, None] != ytr[None, :]].mean():.2f}"])
+    print_table(rows, ["MLP 64-64-10", "test acc", "first layer: top-10 share", "last layer: top-10 share",
+                       "cos of last-layer inputs, other classes"],
+                title="Which architecture: biases and normalisation before the ReLU")
+
+
 def _store_child(mode, n_train, epochs, folder, label):
     """One fit + attribute in this (fresh) process; prints times and the peak RSS."""
     import resource
@@ -260,6 +315,8 @@ def main():
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--class-agreement", action="store_true")
     parser.add_argument("--store", action="store_true", help="only the memory vs on-disk table")
+    parser.add_argument("--class-ablation", action="store_true",
+                        help="only the class agreement by training epochs and by architecture")
     parser.add_argument("--store-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label", default=None, help=argparse.SUPPRESS)
@@ -270,6 +327,9 @@ def main():
     if args.store:
         setup(args, "RepresentationTracer: records in memory vs on disk")
         return store_table(args.n_train, args.epochs)
+    if args.class_ablation:
+        setup(args, "RepresentationTracer: class agreement by epochs and architecture")
+        return class_ablation(10)
     if args.class_agreement:
         setup(args, "RepresentationTracer: class agreement on digits")
         return class_agreement()
