@@ -259,6 +259,38 @@ def test_classwise_batches_are_single_class_with_ghosts(digits):
         np.testing.assert_array_equal(a, b)
 
 
+def test_batch_plans_are_checked(digits):
+    from skattr.training import Callback
+
+    X, y = digits[0][:20], digits[1][:20]
+
+    class Plan(Callback):
+        def __init__(self, plan):
+            self.plan = plan
+
+        def plan_epoch(self, state, generator):
+            return self.plan
+
+    def fit(*cbs):
+        return _model(_mlp(), epochs=1, callbacks=list(cbs)).fit(X, y)
+
+    with pytest.raises(ValueError, match=r"not a non-empty list of indices in \[0, 20\)"):
+        fit(Plan([np.arange(5), np.array([3, 20])]))
+    with pytest.raises(ValueError, match="loss weights"):
+        fit(Plan([(np.arange(4), np.zeros(4))]))
+    with pytest.raises(ValueError, match="loss weights"):
+        fit(Plan([(np.arange(4), np.ones(3))]))
+    with pytest.raises(ValueError, match="Only one callback may plan"):
+        fit(Plan(None), ClasswiseBatches(y, 16, 2))
+    with pytest.raises(ValueError, match="ghost must be in"):
+        fit(ClasswiseBatches(y, 16, 16))
+    # a weighted plan trains on the weighted mean: weight 0 rows change nothing
+    w = fit(Plan([(np.arange(20), np.r_[np.ones(10), np.zeros(10)])])).module_
+    ref = fit(Plan([np.arange(10)])).module_
+    for a, b in zip(w.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_classwise_ghost_updates_against_brute_force(digits):
     """Per-example updates of a classwise run with ghosts through batch norm, against per-example
     weight copies differentiated through the masked batch loss at every step's parameters."""
