@@ -531,7 +531,9 @@ class _GradientKernel(_BaseKernel):
             if proj is None:
                 F = self._features(xc, yc)[0]
             else:
-                F = featurize_batches([(0, i1 - i0, self._records(xc, yc))], proj, n=i1 - i0)
+                out_c = (i1 - i0) * m * k * torch.finfo(self.model_.torch_dtype_).bits // 8
+                recs = self._records(xc, yc, reserved=out_c, projector=proj)
+                F = featurize_batches([(0, i1 - i0, recs)], proj, n=i1 - i0)
             F = self._scale(F)
             norms = torch.linalg.vector_norm(F.flatten(1), dim=1)
             self._check_rows(norms, xc, i0, f"{name}.{where}",
