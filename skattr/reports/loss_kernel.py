@@ -10,7 +10,6 @@ The helpers here are also used by ``benchmarks/loss_kernel_experiments.py``.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch

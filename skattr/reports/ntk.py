@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
