@@ -68,10 +68,12 @@ class torch_threads:
 
 
 def _run(jobs, n_jobs, verbose, total, desc, return_as="generator_unordered"):
-    """``Parallel(return_as=...)`` over ``jobs``, with a progress bar."""
+    """``Parallel(return_as=...)`` over ``jobs``, one block per task (a retried task redoes one
+    block), with a progress bar."""
     from .featurize import progress
 
-    it = Parallel(n_jobs=n_jobs, return_as=return_as, verbose=10 if verbose > 1 else 0)(jobs)
+    it = Parallel(n_jobs=n_jobs, return_as=return_as, batch_size=1,
+                  verbose=10 if verbose > 1 else 0)(jobs)
     return progress(it, total, verbose, desc)
 
 
@@ -88,6 +90,8 @@ def _stopped(exc, store, what):
 # ---------------------------------------------------------------------------- featurisation
 def _featurize_block(fz, Xs, ys, m, b, r0, r1, dim, store, threads):
     try:
+        if store is not None and store.done(m, b, verify=False) and store._valid(m, b):
+            return m, b, None, None  # finished by an earlier attempt of a retried task
         with torch_threads(threads):
             F, q = fz.rows(Xs, ys, 0, r1 - r0, dim=dim)
         if store is None:

@@ -239,7 +239,9 @@ class _BlockDir(BlockLayout):
         marked block whose files are missing or damaged loses its marker (with a warning), so
         it is recomputed."""
         if (m, b) not in self._done:
-            return False
+            if not self._marker(m, b).exists():
+                return False
+            self._done.add((m, b))  # finished by another writer since the last look
         if verify and not self._valid(m, b, self.marker(m, b)):
             warnings.warn(
                 f"{self._kind.capitalize()} block (model {m}, block {b}) at {self.path} is missing "

@@ -183,7 +183,9 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         assert set(client.run(os.getpid).values()) != pids_before  # the nanny restarted it
         runs = _runs(net.log, X)
         c = runs[0]  # forward passes of one block's featurisation
-        assert c >= 1 and runs == {**dict.fromkeys(range(8), c), 4: 2 * c}
+        # the killed block runs again, each other block once
+        assert c >= 1 and runs[4] > c and runs == {**dict.fromkeys(range(8), c), 4: runs[4]}, \
+            Path(net.log).read_text()
         np.testing.assert_array_equal(_features(trak), _features(ref))
         with joblib.parallel_config(backend="dask"):
             trak.fit(X, y)
