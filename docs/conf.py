@@ -61,6 +61,7 @@ sphinx_gallery_conf = {
     "examples_dirs": os.fspath(HERE.parent / "examples"),
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
+    "within_subsection_order": "FileNameSortKey",  # plot_01_..., plot_02_...: reading order
     "only_warn_on_example_error": False,
     "abort_on_example_error": False,
     "download_all_examples": False,
@@ -97,13 +98,13 @@ def setup(app):
 
 html_theme = "alabaster"
 html_theme_options = {
-    "page_width": "1180px",
+    "page_width": "1240px",
     "sidebar_width": "240px",
     "description": "Training-data attribution and neural-network kernels as scikit-learn estimators",
     "fixed_sidebar": True,
 }
 html_title = "skattr"
-html_static_path = []
+html_static_path = ["_static"]
 html_show_sourcelink = False
 
 warnings.filterwarnings("ignore", category=UserWarning, message="Matplotlib is currently using agg")
