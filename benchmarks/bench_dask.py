@@ -30,6 +30,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import joblib
@@ -41,6 +42,7 @@ from skattr import TorchModel
 from skattr.estimators import TRAK
 
 torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message="TRAK attributes one model")  # measured, not advice
 
 
 def digits(n, seed=0):

@@ -574,9 +574,18 @@ def _merge_top(best_i, best_s, idx, S, k, sign):
     else:
         cand_i = np.concatenate([best_i, np.broadcast_to(idx, S.shape)], axis=1)
         cand_s = np.concatenate([best_s, S], axis=1)
-    # per row: sort by (-sign*score, index); lexsort's last key is the primary one
-    order = np.lexsort((cand_i, -sign * cand_s), axis=1)[:, :k]
-    return np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_s, order, 1)
+    key = -sign * cand_s
+    kk = min(k, key.shape[1])
+    # per row, the entries at or above the kk-th best (a selection, O(width)); then only those
+    # are sorted by (key, index) (lexsort's last key is the primary one)
+    v = np.partition(key, kk - 1, axis=1)[:, kk - 1 : kk]
+    rows, cols = np.nonzero(key <= v)
+    ci = np.broadcast_to(cand_i, key.shape)[rows, cols]
+    order = np.lexsort((ci, key[rows, cols], rows))
+    rows, cols, ci = rows[order], cols[order], ci[order]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=key.shape[0]))[:-1]])
+    sel = starts[:, None] + np.arange(kk)[None, :]  # every row has at least kk candidates
+    return ci[sel], cand_s[rows[sel], cols[sel]]
 
 
 def top_k_blocks(blocks, n_targets, n_cols, k):
