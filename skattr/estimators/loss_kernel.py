@@ -95,7 +95,10 @@ class LossKernel(TransformerMixin, BaseEstimator):
         cost of a fit); "draws" stores every parameter draw (``n_chains * n_draws * n_params``
         float32) and only evaluates; None keeps nothing (``transform`` is unavailable).
     n_jobs : int or None, default=None
-        joblib processes for the chains (``-1``: all cores).
+        joblib workers for the chains (``-1``: all cores; ``None``: the active
+        ``joblib.parallel_config``'s, so ``parallel_config(backend="dask")`` runs the chains on
+        a Dask cluster).  Each chain is the same on any worker; the kernel pools the chains'
+        accumulators, equal to a one-process fit to float64 rounding (tests/test_dask.py).
     random_state : int, RandomState instance or None, default=0
         Seeds the chains (mini-batches and noise).
     verbose : int, default=0
