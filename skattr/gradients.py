@@ -859,6 +859,8 @@ def _gram(rx, ry, mode):
             else:
                 term = torch.einsum("nmp,Nop->nNmo", ga, gb)
         K = term if K is None else K + term
+    if sym:  # exactly symmetric (the factored terms' products are not, to rounding)
+        K = K.triu() + K.triu(1).T
     return K
 
 

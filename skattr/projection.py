@@ -168,7 +168,7 @@ class Projector:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     P = torch.sparse_csr_tensor(
-                        crow, cols.flatten(), vals.flatten().to(self.dtype), size=(self.k, p)
+                        crow, cols.flatten().clone(), vals.flatten().to(self.dtype), size=(self.k, p)
                     )
                 self._cache[ck] = P.to(self.device)
             o2 += torch.sparse.mm(self._cache[ck], g2.T.contiguous()).T
@@ -226,7 +226,7 @@ class Projector:
             p = d_out * d_in
             if self._dense_kind == "sparse":
                 if (key, "sparse") not in self._cache:
-                    new += self.k * (math.ceil(math.sqrt(p)) * (8 + isz) + 8)
+                    new += self.k * math.ceil(math.sqrt(p)) * (8 + isz) + (self.k + 1) * 8
                 continue
             if (key, self._dense_kind) in self._cache:
                 continue
