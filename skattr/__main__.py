@@ -38,13 +38,13 @@ REPORT_FUNCTION = {
     "representation": "representation_report",
 }
 
-#: What each run size costs, measured with ``time python -m skattr`` on a busy 2-core CPU (see
-#: docs/main_job.md); printed at the start of a run.
+#: What each run size costs on a 2-core CPU, from ``time python -m skattr`` (docs/main_job.md);
+#: printed at the start of a run.  The runs use one thread: a shared machine stretches them.
 EXPECTED = {
-    "tiny": "well under a minute",
-    "quick": "about 2 minutes",
-    "default": "about 3 minutes",
-    "full": "about 50 minutes (the ntk section alone took 44 minutes at these sizes)",
+    "tiny": "well under a minute of CPU time",
+    "quick": "about 1.5 minutes of CPU time on one thread (longer when the machine is shared)",
+    "default": "about 2 minutes of CPU time on one thread (longer when the machine is shared)",
+    "full": "45 minutes or more (the ntk section alone took 44 minutes at these sizes)",
 }
 
 
@@ -62,7 +62,7 @@ def _parser():
     size.add_argument("--quick", action="store_const", dest="size", const="quick",
                       help="smaller sizes, a smoke run")
     size.add_argument("--full", action="store_const", dest="size", const="full",
-                      help="the full study quoted in benchmarks/ and the docs (about 50 minutes)")
+                      help="the full study quoted in benchmarks/ and the docs (45 minutes or more)")
     # the test suite's size (a few seconds per section); not part of the documented interface
     size.add_argument("--size", dest="size", choices=["tiny", "quick", "default", "full"],
                       help=argparse.SUPPRESS)
@@ -105,7 +105,7 @@ def main(argv=None):
     total = sum(m.n_steps(args.size) for m in mods.values())
     progress = Progress(total, quiet=args.quiet)
     progress.message(f"{args.size} run, sections {', '.join(mods)}: {total} steps, expected "
-                     f"{EXPECTED[args.size]} on a 2-core CPU.")
+                     f"{EXPECTED[args.size]}.")
     meta = (f"python {platform.python_version()}, torch {torch.__version__}, {args.threads} "
             f"thread(s), device {'cuda' if torch.cuda.is_available() else 'cpu'}; seed {args.seed}; "
             f"size {args.size}; sections {', '.join(mods)}.")
