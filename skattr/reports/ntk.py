@@ -233,14 +233,18 @@ def _write(sec, rows, heat, keep, ex, outdir, cfg):
     if heat:
         plt = plotting._plt()
         fig, axes = plt.subplots(1, len(heat), figsize=(5.2 * len(heat), 4.6), squeeze=False)
+        lo = min(float(np.min(K)) for K, _ in heat.values())  # one colour scale for the panels
+        hi = max(float(np.max(K)) for K, _ in heat.values())
         for ax, (arch, (K, y)) in zip(axes[0], sorted(heat.items())):
-            plotting.plot_kernel_heatmap(K, y, ax=ax, title=f"exact trNTK of the {arch}, test digits",
+            plotting.plot_kernel_heatmap(K, y, ax=ax, vmin=lo, vmax=hi,
+                                         title=f"exact trNTK of the {arch}, test digits",
                                          cbar_label="trNTK (cosine-normalised)",
                                          axis_label="true class of the test digit")
         path = os.path.join(outdir, "trntk_heatmap.png")
         plotting.save(fig, path)
-        sec.figure(path, "The exact trace NTK between test digits, sorted by true class: bright "
-                         "diagonal blocks mean the network's gradients group digits of a class.")
+        sec.figure(path, "The exact trace NTK between test digits, sorted by true class (one colour "
+                         "scale for both panels): bright diagonal blocks mean the network's "
+                         "gradients group digits of a class.")
     _faithful_examples(sec, rows, keep, ex, outdir)
 
 
