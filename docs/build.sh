@@ -12,7 +12,11 @@ status=0
 python -m sphinx -W --keep-going -b html docs docs/_build/html 2>&1 | tee "$log" || status=$?
 elapsed=$(( $(date +%s) - start ))
 executed=$(sed -n 's/.*successfully executed \([0-9]*\) out of \([0-9]*\).*/\1 of \2/p' "$log" | tail -1)
-warnings=$(grep -c -E "(WARNING|ERROR|CRITICAL):" "$log" || true)
+# Sphinx's last word: "build succeeded." or "build finished with problems, N warnings ..."
+warnings=$(sed -n 's/.*build finished with problems, \([0-9]*\) warning.*/\1/p' "$log" | tail -1)
+if [ -z "$warnings" ]; then
+  if grep -q "build succeeded" "$log"; then warnings=0; else warnings="unknown (no build summary)"; fi
+fi
 rm -f "$log"
 echo "docs: ${executed:-0 of ?} gallery examples executed, ${warnings} warnings, ${elapsed} s"
 exit "$status"
