@@ -283,19 +283,54 @@ class ClosedFormRecursion:
         self.a = np.asarray(coefficients, dtype=np.float64)
         self.D = torch.zeros(len(self.tracked), dim, dtype=torch.float64, device=device)
         self._buf, self._n = [], 0
+        self._fixed = None
 
     def add(self, t, rows, recs, lr):
         if not len(rows):
             return
         a = float(self.a[t])
-        scaled = [_grad.KronRecord(r.key, r.x, r.d * a, r.bias) if isinstance(r, _grad.KronRecord)
-                  else _grad.DenseRecord(r.key, r.g * a) for r in recs]
-        self._buf.append((np.asarray(rows), scaled))
-        self._n += len(rows)
-        if self._n >= self.flush_rows:
+        if self._fixed is None:
+            # Linear layers: rows written into buffers reused for the whole run, the inputs'
+            # ones column (the bias) filled once, ``a_t`` folded into the copy
+            self._fixed = all(isinstance(r, _grad.KronRecord) and r.L == 1 for r in recs)
+            if self._fixed:
+                cap = self.flush_rows + len(rows)
+                self._rows = torch.empty(cap, dtype=torch.int64, device=self.D.device)
+                self._recs = []
+                for r in recs:
+                    xb = r.x.new_empty((cap, 1, r.x.shape[-1] + int(bool(r.bias))))
+                    if r.bias:
+                        xb[..., -1] = 1.0
+                    db = r.d.new_empty((cap,) + tuple(r.d.shape[1:]))
+                    self._recs.append((r.key, xb, db))
+        if not self._fixed:
+            scaled = [_grad.KronRecord(r.key, r.x, r.d * a, r.bias) if isinstance(r, _grad.KronRecord)
+                      else _grad.DenseRecord(r.key, r.g * a) for r in recs]
+            self._buf.append((np.asarray(rows), scaled))
+            self._n += len(rows)
+            if self._n >= self.flush_rows:
+                self._flush()
+            return
+        n0 = self._n
+        if n0 + len(rows) > self._rows.shape[0]:
+            self._flush()
+            n0 = 0
+        n1 = n0 + len(rows)
+        self._rows[n0:n1] = torch.as_tensor(rows)
+        for r, (_, xb, db) in zip(recs, self._recs):
+            xb[n0:n1, :, : r.x.shape[-1]] = r.x
+            torch.mul(r.d, a, out=db[n0:n1])
+        self._n = n1
+        if n1 >= self.flush_rows:
             self._flush()
 
     def _flush(self):
+        if self._fixed:
+            n, self._n = self._n, 0
+            if n:
+                recs = [_grad.KronRecord(key, xb[:n], db[:n], False) for key, xb, db in self._recs]
+                self.D.index_add_(0, self._rows[:n], self.source.project(recs))
+            return
         if not self._buf:
             return
         rows = np.concatenate([r for r, _ in self._buf])
