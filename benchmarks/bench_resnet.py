@@ -15,10 +15,8 @@ each with the structured engine (after), ``method="vmap"`` (before) and a naive 
 implementation (per-example Jacobians by ``vmap(jacrev)`` in chunks, then a GEMM Gram, a
 Gaussian projection, or TRAK's formula on projected margin gradients).
 
-Memory: peak RSS (``resource.getrusage``, one subprocess per measurement) of the projected
-``vmap`` fallback, ``TraceNTK(projection_dim=512, method="vmap", batch_size=n).fit(X)`` on 256
-and 4,096 samples under a budget (``SKATTR_MEMORY_BUDGET``), and on 256 samples with no
-effective budget (1 TiB: what the call allocated before the planner).
+Memory (peak RSS of the projected fallback against the budget) is measured by
+``bench_memory.py``.
 
 Run ``python benchmarks/bench_resnet.py`` (``--quick`` for a smoke run).
 """
@@ -26,13 +24,9 @@ Run ``python benchmarks/bench_resnet.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import resource
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -92,9 +86,6 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--n", type=int, default=500, help="digits for the kernels and TRAK")
     p.add_argument("--k", type=int, default=512, help="projection dimension")
-    p.add_argument("--budget", default="256MiB", help="memory budget of the RSS runs")
-    p.add_argument("--rss-sizes", type=int, nargs="+", default=[256, 4096])
-    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -151,68 +142,11 @@ def naive_trak(net, X, y, Xt, yt, k, ridge=1.0):
     return g @ A * (1 - p)
 
 
-# ------------------------------------------------------------------------------ RSS (subprocess)
-def _peak_rss_mib():
-    """This process's peak RSS: ``VmHWM`` (Linux), else ``ru_maxrss``.  ``ru_maxrss`` survives
-    ``exec`` on Linux (a child reports its parent's peak), so the peak is reset first where the
-    kernel allows (``/proc/self/clear_refs``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def rss_child(spec):
-    """Run one projected fallback featurisation in this fresh process and print its peak RSS
-    (JSON); the trained weights come from ``spec["weights"]``."""
-    n, k = spec["n"], spec["k"]
-    torch.set_num_threads(1)
-    X, _ = load_digits_data()
-    X = X.reshape(-1, 1, 8, 8)
-    net = ResNetDigits()
-    net.load_state_dict(torch.load(spec["weights"]))
-    model = TorchModel(net.eval())
-    rng = np.random.RandomState(0)
-    Xn = X[rng.randint(0, len(X), n)] + 0.01 * rng.randn(n, 1, 8, 8).astype(np.float32)
-    info = {}
-    G.compute_records(net, torch.as_tensor(Xn[:2]), method="vmap", info=info)
-    _reset_peak_rss()
-    base = _peak_rss_mib()
-    TraceNTK(model, projection_dim=k, method="vmap", batch_size=n).fit(Xn)
-    peak = _peak_rss_mib()
-    print(json.dumps({"base_mib": base, "peak_mib": peak, "delta_mib": peak - base,
-                      "per_example": info["bytes_per_example"],
-                      "budget": info["budget"]}))
-
-
-def measure_rss(n, budget, weights, k):
-    env = dict(os.environ, SKATTR_MEMORY_BUDGET=str(budget), OMP_NUM_THREADS="1")
-    spec = json.dumps({"n": n, "weights": weights, "k": k})
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", spec],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------------------ main
 def main(argv=None):
     args = parse_args(argv)
-    if args.rss_child:
-        rss_child(json.loads(args.rss_child))
-        return
     if args.quick:
-        args.n, args.k, args.repeats, args.rss_sizes = 64, 64, 1, [64, 256]
+        args.n, args.k, args.repeats = 64, 64, 1
     setup(args, "ResNet-style CNN with in-place ops: structured vs vmap engines")
     X, y = load_digits_data()
     X = X.reshape(-1, 1, 8, 8)
@@ -254,20 +188,6 @@ def main(argv=None):
     print("(projected rows: the two engines draw different, equally valid projections, so their "
           "difference is projection noise, not an error)")
 
-    budget = args.budget
-    rrows = []
-    weights = os.path.join(tempfile.mkdtemp(), "resnet_digits.pt")
-    torch.save(net.state_dict(), weights)
-    for n in args.rss_sizes:
-        r = measure_rss(n, budget, weights, args.k)
-        rrows.append([n, budget, f"{r['base_mib']:.0f}", f"{r['peak_mib']:.0f}",
-                      f"{r['delta_mib']:.0f}",
-                      f"{n * r['per_example'] / 2**20:.0f}"])
-    r = measure_rss(args.rss_sizes[0], "1TiB", weights, args.k)
-    rrows.append([args.rss_sizes[0], "1TiB (none)", f"{r['base_mib']:.0f}", f"{r['peak_mib']:.0f}",
-                  f"{r['delta_mib']:.0f}", f"{args.rss_sizes[0] * r['per_example'] / 2**20:.0f}"])
-    print_table(rrows, ["samples", "budget", "RSS before MiB", "peak RSS MiB", "RSS growth MiB",
-                        "unchunked estimate MiB"])
 
 
 if __name__ == "__main__":
