@@ -73,5 +73,6 @@ fig.suptitle("training digits by TRAK score for the closed-loop concept probe", 
 res = remove_and_retrain(template, X_train, y_train, concept, c_scores, fractions=(0.1,),
                          n_seeds=1, probe=ConceptProbe(template, C=0.1))
 for row in res["summary"]:
-    print(f"{row['condition']:8s} layer {row['layer']}: probe accuracy {row['accuracy_mean']:.3f}")
+    print(f"{row['condition']:8s} layer {row['layer']}: "
+          f"probe accuracy {row['accuracy_mean']:.3f}")
 plt.show()

@@ -54,11 +54,12 @@ print("effective draws", lk.ess_.round(1), "R-hat", lk.rhat_.round(3),
 # Rows and columns sorted by task: same-task entries carry both signs (a task's two labels
 # compete), cross-task entries are near zero. Spectral clustering of ``|K|`` recovers the tasks.
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
-plot_kernel_heatmap(K, task, ax=a1, title="loss kernel, sorted by task", cmap="RdBu_r")
+plot_kernel_heatmap(K, task, ax=a1, title="loss kernel, sorted by task")
 a1.set_xlabel("example (sorted by task)")
 a1.set_ylabel("example (sorted by task)")
 plot_kernel_heatmap(np.abs(K), task, ax=a2, title="|loss kernel|, sorted by task")
 a2.set_xlabel("example (sorted by task)")
+a2.set_ylabel("example (sorted by task)")
 fig.tight_layout()
 
 groups = SpectralClustering(4, affinity="precomputed", random_state=0).fit_predict(np.abs(K))

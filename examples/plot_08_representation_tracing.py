@@ -46,8 +46,8 @@ print("same-label share of the top-10 proponents (layers summed):",
 # ``influence_over_time`` sums each step's contributions: the cumulative curves end at the
 # norm of the change of each layer's representation of the test digit.
 steps, over_time = tracer.influence_over_time(X_test[:1])
-ax = plot_influence_over_time(steps, over_time, sample=0,
-                              title=f"test digit {y_test[0]}: cumulative influence per layer")
+title = f"test digit {y_test[0]}: cumulative influence per layer"
+ax = plot_influence_over_time(steps, over_time, sample=0, title=title)
 ax.set_xlabel("training step")
 ax.set_ylabel("cumulative influence")
 
@@ -59,6 +59,6 @@ ax.set_ylabel("cumulative influence")
 # built the representation shows as a tall curve near cosine 1.
 stats = tracer.class_statistics(X_test[:1])
 predicted = tracer.model_.predict(X_test[:1])[0]
-ax = plot_class_ridge(stats["2"], 0, predicted=predicted,
-                      title=f"output layer, test digit {y_test[0]} (predicted {predicted})")
+title = f"output layer, test digit {y_test[0]} (predicted {predicted})"
+ax = plot_class_ridge(stats["2"], 0, predicted=predicted, title=title)
 plt.show()
