@@ -35,14 +35,12 @@ extensions = [
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 # index.md is the landing page on GitHub; index.rst includes it and adds the table of contents.
-# main_job.md, scaling.md: included by the toctree only when present (owned by other pages' authors)
 exclude_patterns = ["_build", "index.md", "**.ipynb_checkpoints", "auto_examples/*.md5",
                     "auto_examples/*.py", "auto_examples/*.ipynb", "auto_examples/*.zip"]
 templates_path = ["_templates"]
 
 # The user pages link to each other as ``[TorchModel](TorchModel.md)``; MyST resolves those to
-# documents. Links to files outside docs/ (benchmarks/README.md, ../shared/methods.md) are kept
-# as plain text links to the repository.
+# documents (a link to a missing page is a warning, so an error here).
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
 myst_url_schemes = ["http", "https", "mailto"]
@@ -74,16 +72,6 @@ sphinx_gallery_conf = {
     "backreferences_dir": "gen_modules/backreferences",
 }
 
-# optional pages written alongside (present or not): listed under "Tools" when they exist
-OPTIONAL_TOOLS = [p for p in ("scaling",) if (HERE / f"{p}.md").exists()]
-
-
-def _optional_toc(app, docname, source):
-    if docname == "index":
-        source[0] = source[0].replace("   @OPTIONAL_TOOLS@\n",
-                                      "".join(f"   {p}\n" for p in OPTIONAL_TOOLS))
-
-
 def _skip_members(app, what, name, obj, skip, options):
     # sklearn's generated metadata-routing setters (set_fit_request, ...) are documented there
     if name.startswith("set_") and name.endswith("_request"):
@@ -92,7 +80,6 @@ def _skip_members(app, what, name, obj, skip, options):
 
 
 def setup(app):
-    app.connect("source-read", _optional_toc)
     app.connect("autodoc-skip-member", _skip_members)
 
 
