@@ -19,9 +19,15 @@ error of the Hessian-free and Gauss-Newton hypergradients (and of their scores o
 points) against the exact ones (``hessian="exact"`` equals autograd through the unrolled run to
 1e-6, ``tests/test_hydra.py``).
 
+Part ``ab`` (``--old DIR``): the same projected and lean runs of an older checkout ``DIR``
+(e.g. ``git worktree add /tmp/old <commit>``), its package imported as ``skattr_old`` from a
+link, interleaved round-robin with this tree's in one process; each tree's ratio to its own
+training and the largest difference of their scores.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py                # both parts (a few minutes)
+    OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part ab --old /tmp/old --repeats 5
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part error
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --quick
 """
@@ -206,9 +212,54 @@ def part_exactness(args):
                 title="Lean and projected HYDRA against the full-vector recursion")
 
 
+def part_ab(args):
+    import importlib
+    import tempfile
+
+    import skattr
+
+    if not args.old:
+        raise SystemExit("--part ab needs --old DIR (a checkout of the tree to compare with)")
+    link_dir = tempfile.mkdtemp()
+    os.symlink(os.path.join(os.path.abspath(args.old), "skattr"), os.path.join(link_dir, "skattr_old"))
+    sys.path.insert(0, link_dir)
+    old = importlib.import_module("skattr_old")
+    HO = importlib.import_module("skattr_old.estimators.hydra").HYDRA
+    X, y = load_digits_data()
+    n = 1500
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:n + 100], y[n:n + 100]
+    runs = {}
+    for tag, pkg, H in (("old", old, HO), ("new", skattr, HYDRA)):
+        def recipe(pkg=pkg, **kw):
+            return pkg.TorchModel(make_mlp(), epochs=args.epochs, batch_size=64, lr=0.05, momentum=0.9,
+                                  weight_decay=5e-4, lr_schedule="cosine", device="cpu", random_state=0, **kw)
+
+        def train(pkg=pkg, recipe=recipe):
+            return recipe(callbacks=[pkg.TrajectoryRecorder()]).fit(Xtr, ytr)
+
+        rec = train().callbacks_[0]
+        runs[f"train {tag}"] = train
+        runs[f"proj {tag}"] = lambda H=H, recipe=recipe: H(recipe(), projection_dim=1024).fit(Xtr, ytr)
+        runs[f"lean {tag}"] = lambda H=H, recipe=recipe, rec=rec: H(recipe(), mode="lean", trajectory=rec).fit(
+            Xtr, ytr, X_target=Xte, y_target=yte)
+    times, outs = _interleaved(runs, args.repeats)
+    for w in ("proj", "lean"):
+        a, b = outs[f"{w} old"], outs[f"{w} new"]
+        A, B = (a.attribute(None), b.attribute(None)) if w == "lean" else (a.attribute(Xte, yte), b.attribute(Xte, yte))
+        sa, sb = a.self_influence(), b.self_influence()
+        print(f"{w}: max |new - old| / max |old|: scores {np.abs(A - B).max() / np.abs(A).max():.2e}, "
+              f"self-influence {np.abs(sa - sb).max() / np.abs(sa).max():.2e}")
+    rows = [[tag, times[f"train {tag}"], times[f"proj {tag}"], times[f"lean {tag}"],
+             times[f"proj {tag}"] / times[f"train {tag}"], times[f"lean {tag}"] / times[f"train {tag}"]]
+            for tag in ("old", "new")]
+    print_table(rows, ["tree", "training s", "projected k=1024 s", "lean s", "projected / training",
+                       "lean / training"], title=f"A/B in one process, median of {args.repeats}")
+
+
 def main():
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    ap.add_argument("--part", choices=["speed", "error", "exactness", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "error", "exactness", "ab", "all"], default="all")
+    ap.add_argument("--old", default=None, help="--part ab: an older checkout to compare with")
     ap.add_argument("--error-lrs", type=float, nargs="+", default=[0.2, 0.05],
                     help="peak learning rates of the error table's runs")
     ap.set_defaults(epochs=10)
@@ -220,6 +271,8 @@ def main():
         part_error(args)
     if args.part in ("exactness", "all"):
         part_exactness(args)
+    if args.part == "ab":
+        part_ab(args)
 
 
 if __name__ == "__main__":
