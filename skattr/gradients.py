@@ -18,6 +18,7 @@ This module and :mod:`skattr.model` are the only places that touch ``nn.Module``
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -752,9 +753,19 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
     def plan(engine):
         per, fixed, m, kept, groups = _probe(module, x, output, y, loss, prefixes, engine,
                                              specs)
-        fixed += int(reserved)
         if projector is not None:
             fixed += projector.planned_bytes(groups)
+        if reserved and fixed + int(reserved) + per > _memory.usable(limit) >= fixed + per:
+            # the caller's output alone leaves no room: it is not the working memory's to
+            # give back, so the budget then bounds the working memory only (said, not silent)
+            warnings.warn(
+                f"The output of this call ({int(reserved) / 2**20:.1f} MiB) does not fit the "
+                f"memory budget ({limit / 2**20:.1f} MiB) next to one example's working memory "
+                f"({(fixed + per) / 2**20:.1f} MiB); the budget bounds the working memory only. "
+                f"Raise it (budget=..., or {_memory.ENV_VAR}) to bound both.",
+                UserWarning, stacklevel=3)
+        else:
+            fixed += int(reserved)
         c = _memory.plan_chunk(n, per, limit, fixed=fixed,
                                what=f"The {engine} gradient engine")
         report.update(engine=engine, bytes_per_example=per, kept_bytes_per_example=kept,

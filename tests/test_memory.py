@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -197,3 +198,22 @@ def test_peak_rss_growth_stays_within_the_budget():
     planned = _growth(128, str(budget))
     assert unplanned > 2 * budget, unplanned / 2**20
     assert planned <= budget, planned / 2**20
+
+
+def test_an_output_larger_than_the_budget_is_said_not_refused():
+    """A caller's output that leaves no room for one example does not raise (each example
+    fits): the budget then bounds the working memory alone, with a warning naming both."""
+    net, shape = _net("mlp")
+    X = torch.randn(8, *shape)
+    info = {}
+    G.compute_records(net, X, budget=2**40, info=info)
+    budget = int(4 * info["bytes_per_example"] / (1 - _memory.SLACK)) + 8
+    with pytest.warns(UserWarning, match="does not fit the memory budget"):
+        G.compute_records(net, X, budget=budget, reserved=budget, info=info)
+    assert info["chunk_size"] == 4 and info["fixed_bytes"] < budget
+    # an output that fits is counted: smaller chunks, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        G.compute_records(net, X, budget=budget, info=info,
+                          reserved=3 * info["bytes_per_example"])
+    assert info["chunk_size"] == 1
