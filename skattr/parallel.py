@@ -36,10 +36,17 @@ class BlockError(RuntimeError):
     """A block's job failed: the message names the block, its rows and the worker."""
 
 
+_LOCAL_BACKENDS = {"LokyBackend", "MultiprocessingBackend", "SequentialBackend", "ThreadingBackend"}
+
+
 def n_workers(n_jobs):
     """Workers joblib would use for ``n_jobs`` under the active ``parallel_config`` (1: run in
-    this process, no pickling)."""
-    return max(1, int(effective_n_jobs(n_jobs)))
+    this process, no pickling).  Under a cluster backend (Dask) the work goes to the cluster
+    unless ``n_jobs=1``, even while only one of its workers is up."""
+    n = max(1, int(effective_n_jobs(n_jobs)))
+    if n == 1 and n_jobs != 1 and type(get_active_backend()[0]).__name__ not in _LOCAL_BACKENDS:
+        return 2
+    return n
 
 
 def _shard(a, r0, r1):

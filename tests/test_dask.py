@@ -180,6 +180,7 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         with joblib.parallel_config(backend="dask"):
             trak.fit(X, y)
         assert not Path(net.sentinel).exists()  # it ran, and killed its worker
+        client.wait_for_workers(2, timeout=120)
         assert set(client.run(os.getpid).values()) != pids_before  # the nanny restarted it
         runs = _runs(net.log, X)
         c = runs[0]  # forward passes of one block's featurisation
