@@ -146,10 +146,13 @@ def exact_subsample(model, X_base, X_test, y_test, args):
     print(f"\n-- {n_sub:,}-row subsample (the first {n_sub:,} jittered rows, labels = the network's "
           "predictions), same test points")
     rows = []
-    exact = () if args.fmap_only else (
-        ("exact trace NTK, KernelSurrogate 'kglm'", KernelSurrogate(TraceNTK(model), "kglm")),
-        ("exact trace NTK, KernelSurrogate 'klr'", KernelSurrogate(TraceNTK(model), "klr")),
-    )
+    exact = []
+    for kk in ([] if args.fmap_only else args.sub_kernels.split(",")):
+        what = "exact trace NTK" if kk == "exact" else f"projected trace NTK k={kk}"
+        pd = None if kk == "exact" else int(kk)
+        for est in ("kglm", "klr"):
+            exact.append((f"{what}, KernelSurrogate {est!r}",
+                          KernelSurrogate(TraceNTK(model, projection_dim=pd), est)))
     for name, est in exact:
         t0 = time.perf_counter()
         est.fit(Xs)
@@ -202,6 +205,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizing", action="store_true", help="also time featurisation at k = 256/1024/4096")
     p.add_argument("--no-exact", action="store_true", help="skip the subsample surrogates")
+    p.add_argument("--sub-kernels", default="exact",
+                   help="kernels of the subsample's KernelSurrogates: 'exact' and/or projection_dims, "
+                        "comma-separated (e.g. exact,128)")
     p.add_argument("--fmap-only", action="store_true",
                    help="on the subsample, only the feature-map models (not the exact-kernel ones)")
     args = p.parse_args()
