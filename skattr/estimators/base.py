@@ -324,6 +324,11 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
                     "targets": data_hash(X, y), "weights": self.weights_.tolist()}
             st = ScoreStore(out, n_targets=X.shape[0], n_train=self.n_train_,
                             block_size=self._features.block_size, meta=meta)
+            if self._dual():  # an n x n system (n < k: small): the scores at once
+                S = self.attribute(X, y)
+                for b in [b for _, b in st.missing()]:
+                    st.write(b, S[:, slice(*st.block_range(b))])
+                return st
             targets, scale = self._scoring_targets(X, y_enc)
             return score_blocks(targets, self._features, scale, out=st,
                                 n_jobs=getattr(self, "n_jobs", None), verbose=self.verbose)
@@ -344,6 +349,9 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         S *= torch.from_numpy(scale).to(S.device)[None, :]
         return S.cpu().numpy()
 
+    def _dual(self):
+        return any(getattr(P, "solver_", None) == "dual" for P in self.preconditioners_)
+
     def _scoring_targets(self, X, y_enc):
         """``[(m, phi_m(X) M_m w_m)]`` in the products' precision and the per-column scale, as
         :meth:`attribute` combines them (for blockwise scoring)."""
@@ -355,11 +363,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
             G = as_tensor(self._target_rows(m, X, y_enc[m]), self._device, P.product_dtype(self._features))
             if not equal:
                 G = G * float(w[m])
-            if getattr(P, "solver_", "primal") == "dual":
-                T = P.apply(G, self._features, m)  # push-through: (t, k), float64
-            else:
-                T = P.apply(G).to(P.product_dtype(self._features))
-            targets.append((m, T))
+            targets.append((m, P.apply(G).to(P.product_dtype(self._features))))
         scale = self.q_ / M if equal and w[0] == 1.0 / M else self.q_ * (w[0] if equal else 1.0)
         return targets, np.asarray(scale, dtype=np.float64)
 
@@ -397,7 +401,8 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         The scores are streamed block by block of training examples (``n_jobs`` workers), so
         the ``(n_samples, n_train)`` matrix is never held.
         """
-        if getattr(self, "_features", None) is None:  # scores without features (TracIn records)
+        if getattr(self, "_features", None) is None or self._dual():
+            # scores without features (TracIn records), or an n x n system (n < k: small)
             from ..store import top_k_blocks
 
             S = self.attribute(X, y)
