@@ -32,7 +32,7 @@ from ._fingerprint import config_key, data_hash, template_hash
 from ._validation import check_input, seed_from_random_state
 from .ensemble import train_models
 from .model import TorchModel
-from .outputs import make_output, output_values
+from .outputs import LossOutput, make_output, output_values
 
 __all__ = [
     "SubsetRetrainer",
@@ -123,8 +123,13 @@ class SubsetRetrainer(BaseEstimator):
     n_subsets : int, default=50
     fraction : float in (0, 1), default=0.5
         Fraction of the training set in each subset.
-    output : "margin", "logit", class label or callable, default="margin"
-        The model output whose change is measured; use the same output as the attribution.
+    output : "margin", "logit", "loss", class label or callable, default="margin"
+        The model output whose change is measured; use the same output as the attribution
+        (``"loss"`` for TracIn, influence functions and HYDRA, whose default output is the
+        loss).  With ``"loss"`` the LDS correlates the scores with ``-loss``, since attributions
+        of the loss are signed so that positive means the training example lowered it.  For
+        regression, ``"margin"`` does not exist: use ``"logit"`` with TRAK and ``"loss"`` with
+        the loss-based methods.
     reseed : bool, default=True
         Train each subset model from its own seed (the usual LDS protocol).  ``False`` keeps
         ``model.random_state`` for every subset, which removes initialisation noise from the
@@ -319,6 +324,9 @@ def linear_datamodeling_score(attributions, X, y=None, *, retrainer, return_per_
             f"fitted on {retrainer.n_train_}."
         )
     Y = retrainer.outputs(X, y)
+    if isinstance(make_output(retrainer.output), LossOutput):
+        # attributions of the loss are signed "positive = lowered the loss": they predict -loss
+        Y = -Y
     return lds_from_outputs(A, retrainer.masks_, Y, return_per_sample=return_per_sample)
 
 

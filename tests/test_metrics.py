@@ -133,3 +133,35 @@ def test_mislabel_detection_auc(digits):
     model = _template().set_params(epochs=15).fit(X, y_noisy)
     si = TRAK(model, projection_dim=256).fit(X, y_noisy).self_influence()
     assert mislabel_detection_auc(si, flip) > 0.7
+
+
+def test_lds_of_loss_output_correlates_with_minus_loss():
+    """output="loss": attributions of the loss say "positive = lowered it", so the LDS must be
+    the one against -loss (a callable computed here), not against the loss (sign flipped)."""
+    import torch
+    from sklearn.base import clone
+
+    from skattr import TorchModel
+    from skattr.estimators import TracIn
+    from skattr.metrics import SubsetRetrainer
+    from skattr.training import TrajectoryRecorder
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 5)).astype("float32")
+    y = (X @ rng.normal(size=5) + 0.1 * rng.normal(size=80)).astype("float32")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    template = TorchModel(net, task="regression", epochs=15, lr=0.05, random_state=0)
+    full = clone(template).set_params(callbacks=[TrajectoryRecorder()]).fit(X[:60], y[:60])
+    tr = TracIn(full).fit(X[:60], y[:60])
+
+    def minus_sq(z, t):
+        return -((z.reshape(-1) - t.reshape(-1).to(z.dtype)) ** 2)
+
+    kw = dict(n_subsets=6, random_state=0)
+    loss = SubsetRetrainer(template, output="loss", **kw).fit(X[:60], y[:60])
+    ref = SubsetRetrainer(template, output=minus_sq, **kw).fit(X[:60], y[:60])
+    a = loss.score(tr, X[60:], y[60:], return_per_sample=True)[1]
+    b = ref.score(tr, X[60:], y[60:], return_per_sample=True)[1]
+    assert np.abs(b).max() > 0.1  # not a degenerate case where both signs agree
+    np.testing.assert_allclose(a, b, atol=1e-12)
