@@ -200,3 +200,15 @@ def test_bad_checkpoints(digits, fitted):
         TracIn(fitted, checkpoints=[(other_model, 0.1)]).fit(X[:50], y[:50])
     with pytest.raises(ValueError, match="labels"):
         TracIn(fitted).fit(X[:50])
+
+
+@pytest.mark.parametrize("kw", [{}, {"projection_dim": 32}, {"last_layer": True}])
+def test_nan_checkpoint_is_an_error_not_nan_scores(digits, fitted, kw):
+    X, y = digits
+    pairs = fitted.callbacks_[0].tracin_checkpoints()
+    sd = copy.deepcopy(pairs[1][0])
+    name = next(n for n, v in sd.items() if v.ndim == 2)
+    sd[name][0, 0] = float("nan")
+    ck = [pairs[0], (sd, pairs[1][1])]
+    with pytest.raises(FloatingPointError, match=r"checkpoints\[1\] has NaN"):
+        TracIn(fitted, checkpoints=ck, **kw).fit(X[:50], y[:50])

@@ -206,6 +206,13 @@ class TracIn(BaseAttributor):
         models = []
         for i, (sd, _) in enumerate(pairs):
             m = load_member(self.model_, sd, f"checkpoints[{i}]")
+            bad = [n for n, p in m.network().named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise FloatingPointError(
+                    f"checkpoints[{i}] has NaN or infinite parameters ({', '.join(bad[:3])}"
+                    f"{', ...' if len(bad) > 3 else ''}): training diverged before this "
+                    "checkpoint; drop it or lower the learning rate."
+                )
             if self.last_layer:
                 m.set_params(params=self._last_weight(m))
             models.append(m)
