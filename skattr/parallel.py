@@ -27,7 +27,7 @@ import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from joblib.parallel import get_active_backend
 
-from .store import ScoreStore, _merge_top, top_k_blocks, writer_id
+from .store import ScoreStore, TopK, _merge_top, top_k_blocks, writer_id
 
 __all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks", "torch_threads"]
 
@@ -304,7 +304,7 @@ def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None,
         store are skipped).
     top_k : int, optional
         Instead, stream the blocks into the top-k proponents and opponents
-        (:class:`~skattr.estimators.base.TopK`).
+        (:class:`~skattr.store.TopK`).
     n_jobs : int or None
         joblib workers, one column block per job; the scores do not depend on it.
     """
@@ -326,8 +326,6 @@ def score_blocks(targets, features, scale, *, out=None, top_k=None, n_jobs=None,
             return top_k_blocks(blocks, t, n, k)
         # each worker sends its block's top-k; they arrive in any order, and the merge does
         # not depend on it (ties by index)
-        from .estimators.base import TopK
-
         best = [None] * 4
         try:
             for _, r in _run(_score_jobs(targets, features, range(nb), scale, chunk, k),

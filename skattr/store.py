@@ -38,12 +38,13 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ._fingerprint import config_key
 
-__all__ = ["FeatureStore", "MemoryStore", "ScoreStore", "config_key", "writer_id"]
+__all__ = ["FeatureStore", "MemoryStore", "ScoreStore", "TopK", "config_key", "writer_id"]
 
 _FORMAT = "skattr-feature-store"
 _SCORE_FORMAT = "skattr-score-store"
@@ -566,6 +567,15 @@ class ScoreStore(_BlockDir):
                 f"blocks done={len(self._done)}/{self.n_blocks})")
 
 
+class TopK(NamedTuple):
+    """The ``k`` strongest proponents and opponents of each target, (n_samples, k) each."""
+
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+
+
 def _merge_top(best_i, best_s, idx, S, k, sign):
     """Merge candidates into the running top ``k`` (by ``sign * score`` descending, ties by
     index ascending: the order of a stable sort of the whole row)."""
@@ -591,9 +601,7 @@ def _merge_top(best_i, best_s, idx, S, k, sign):
 def top_k_blocks(blocks, n_targets, n_cols, k):
     """Top-``k`` proponents and opponents from column blocks ``(start, scores)`` of an
     ``(n_targets, n_cols)`` matrix, holding ``O(n_targets * (k + block))`` at a time; returns
-    :class:`skattr.estimators.base.TopK`."""
-    from .estimators.base import TopK
-
+    :class:`TopK`."""
     k = int(k)
     if not 1 <= k <= n_cols:
         raise ValueError(f"k must lie in [1, n_train={n_cols}], got {k}.")

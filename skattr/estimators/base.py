@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,18 +38,9 @@ from ..outputs import make_output
 from ..parallel import featurize_blocks, score_blocks
 from ..preconditioners import Identity, as_tensor
 from ..projection import KINDS
-from ..store import FeatureStore, MemoryStore
+from ..store import FeatureStore, MemoryStore, TopK  # noqa: F401 - TopK re-exported
 
 __all__ = ["AttributionKernel", "BaseAttributor", "TopK"]
-
-
-class TopK(NamedTuple):
-    """The ``k`` strongest proponents and opponents of each target, (n_samples, k) each."""
-
-    proponents: np.ndarray
-    proponent_scores: np.ndarray
-    opponents: np.ndarray
-    opponent_scores: np.ndarray
 
 
 class BaseAttributor(TransformerMixin, BaseEstimator):
