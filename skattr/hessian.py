@@ -396,7 +396,8 @@ class ConjugateGradient(_Iterative):
     ``H + lambda I`` positive definite; a direction of negative curvature (an indefinite
     system: a network short of a minimum with small damping) gives a warning once, and the
     iteration goes on (its Galerkin iterates stay defined; the residual decides convergence); an
-    exact breakdown (zero curvature) a ``ValueError``.  ``history_`` keeps the largest relative residual after each iteration of
+    exact breakdown (zero curvature), or a final relative residual of 1 or more (no better than
+    ``x = 0``), a ``ValueError``.  ``history_`` keeps the largest relative residual after each iteration of
     the last solve.
     """
 
@@ -450,6 +451,16 @@ class ConjugateGradient(_Iterative):
         self.n_iter_ = it
         if bool(active.any()):
             worst = float((rs.sqrt() / bn).max())
+            if worst >= 1.0:
+                # no better than x = 0: returning it would hand out scores of arbitrary sign
+                raise ValueError(
+                    f"CG failed: relative residual {worst:.2e} >= 1 after n_iter={self.n_iter} "
+                    f"iterations (damping={lam:g}"
+                    + ("; it met negative curvature, so H + damping I is not positive definite"
+                       if self.indefinite_ else "")
+                    + "). Increase damping above minus the smallest eigenvalue of H (e.g. 0.1), "
+                    "or use solver='ekfac'."
+                )
             warnings.warn(
                 f"CG did not converge: relative residual {worst:.2e} > tol={self.tol:g} after "
                 f"n_iter={self.n_iter} iterations (damping={lam:g}). Increase n_iter, or damping "

@@ -388,10 +388,14 @@ def test_indefinite_system_warns_for_cg(data):
     model = TorchModel(make_mlp(), dtype="float64")  # untrained: indefinite Hessian
     ev = InfluenceFunction(model, damping=1e-3).fit(Xtr, ytr).hessian_eigenvalues_
     assert ev.min() < 0
+    cg = InfluenceFunction(model, solver="cg", damping=1e-3, n_iter=30).fit(Xtr, ytr)
     with pytest.warns(UserWarning, match="negative curvature"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            InfluenceFunction(model, solver="cg", damping=1e-3, n_iter=30).fit(Xtr, ytr).attribute(Xte, yte)
+            try:
+                cg.attribute(Xte, yte)
+            except ValueError as exc:  # ends no better than x = 0: an error, not scores
+                assert "negative curvature" in str(exc) and cg.curvature_.history_[-1] >= 1.0
 
 
 def test_nan_parameters_and_bad_params_raise(data):
@@ -431,3 +435,28 @@ def test_featurizer_records_match_reference(trained, data):
     fz.output.check(trained)
     F_rows, _ = fz.rows(Xtr, torch.as_tensor(ytr), 0, len(Xtr))
     assert_rel_close(F_rows, ref_grads(trained.network(), Xtr, ytr), rtol=1e-12)
+
+
+def test_cg_no_better_than_zero_is_an_error(data):
+    """A CG solve that ends with relative residual >= 1 returns nothing (a new user got scores
+    of inverted sign from one, with only warnings); the residual is checked independently."""
+    from skattr.hessian import ConjugateGradient
+
+    Xtr, ytr, Xte, yte = data
+    model = TorchModel(make_mlp(), dtype="float64")  # untrained: indefinite Hessian
+    inf = InfluenceFunction(model, solver="exact", damping=1e-3).fit(Xtr, ytr)
+    lam_min = inf.hessian_eigenvalues_.min()
+    assert lam_min < -1e-3
+    # the shift that makes H + damping I have an eigenvalue of -|lam_min|: CG's iterates blow up
+    # along it, and the residual ends far above 1 (checked from the history, not the message)
+    cg = InfluenceFunction(model, solver="cg", damping=1e-3, n_iter=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cg.fit(Xtr, ytr).attribute(Xte, yte)
+        except ValueError as exc:
+            assert "CG failed: relative residual" in str(exc) and "damping=0.001" in str(exc)
+            assert isinstance(cg.curvature_, ConjugateGradient)
+            assert cg.curvature_.history_[-1] >= 1.0
+        else:
+            assert cg.curvature_.history_[-1] < 1.0
