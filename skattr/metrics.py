@@ -137,7 +137,9 @@ class SubsetRetrainer(BaseEstimator):
     cache_dir : str, path-like or None, default=None
     random_state : int, RandomState instance or None, default=0
     n_jobs : int or None, default=None
-        Subset models trained in parallel (``joblib``); the models do not depend on it.
+        Subset models trained in parallel through joblib (``None`` follows
+        ``joblib.parallel_config``, so ``parallel_config(backend="dask")`` trains them on a Dask
+        cluster); the models do not depend on it.
     verbose : int, default=0
 
     Attributes
