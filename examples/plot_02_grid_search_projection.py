@@ -15,7 +15,6 @@ once, at the largest size, and every candidate and fold reads its prefix.
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, cross_val_score

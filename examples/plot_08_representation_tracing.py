@@ -12,7 +12,6 @@ training example by how much its contributions point along the test representati
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
