@@ -444,20 +444,12 @@ def mislabel_detection_auc(scores, flipped_mask):
     >>> mislabel_detection_auc([0.1, 0.9, 0.2, 0.8], [False, True, False, True])
     1.0
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    f = np.asarray(flipped_mask).reshape(-1)
-    if s.shape != f.shape:
-        raise ValueError(f"scores and flipped_mask differ in length: {s.shape[0]} vs {f.shape[0]}.")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or infinity.")
-    f = f.astype(bool)
-    if f.all() or not f.any():
-        raise ValueError("flipped_mask must contain both flipped and clean examples.")
+    s, f = _check_detection_input(scores, flipped_mask, need_clean=True)
     return float(roc_auc_score(f, s))
 
 
 
-def _check_detection_input(scores, flipped_mask):
+def _check_detection_input(scores, flipped_mask, need_clean=False):
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     f = np.asarray(flipped_mask).reshape(-1)
     if s.shape != f.shape:
@@ -465,6 +457,8 @@ def _check_detection_input(scores, flipped_mask):
     if not np.all(np.isfinite(s)):
         raise ValueError("scores contain NaN or infinity.")
     f = f.astype(bool)
+    if need_clean and (f.all() or not f.any()):
+        raise ValueError("flipped_mask must contain both flipped and clean examples.")
     if not f.any():
         raise ValueError("flipped_mask marks no flipped example.")
     return s, f
