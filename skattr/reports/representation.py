@@ -39,14 +39,13 @@ def n_steps(size):
 
 def representation_report(outdir, *, random_state=0, size="default", progress=None, verbose=0):
     """Trace an MLP's representations to its training examples; returns a :class:`Section`."""
-    from sklearn.datasets import load_digits
+    from ..datasets import load_digits_images
 
     progress = ensure(progress)
     cfg = SIZES[size]
     os.makedirs(outdir, exist_ok=True)
     seed = int(random_state)
-    X, y = load_digits(return_X_y=True)
-    X = (X / 16.0).astype(np.float32)
+    X, y = load_digits_images(as_images=False)
     perm = np.random.RandomState(seed).permutation(len(X))
     tr, te = perm[: cfg["n_train"]], perm[cfg["n_train"]: cfg["n_train"] + cfg["n_test"]]
     Xtr, ytr, Xte, yte = X[tr], y[tr], X[te], y[te]
