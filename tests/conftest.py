@@ -183,3 +183,10 @@ def assert_rel_close(actual, expected, rtol=1e-5):
     scale = np.abs(expected).max()
     err = np.abs(actual - expected).max()
     assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def stored_features(trak):
+    """Every model's stored TRAK features, (n_models, n_train, k), read block by block."""
+    st = trak._features
+    return np.stack([np.concatenate([np.asarray(F) for _, _, F, _ in st.iter_blocks(m)])
+                     for m in range(st.n_models)])

@@ -18,6 +18,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import stored_features
 
 from skattr import TorchModel
 from skattr.estimators import TRAK
@@ -87,12 +88,6 @@ def setup():
     return model, X, y, Xt, yt
 
 
-def _features(trak):
-    st = trak._features
-    return np.stack([np.concatenate([np.asarray(F) for _, _, F, _ in st.iter_blocks(m)])
-                     for m in range(st.n_models)])
-
-
 def _state(model):
     return {k: v.detach().clone() for k, v in model.module_.state_dict().items()}
 
@@ -114,7 +109,7 @@ def test_trak_on_dask_equals_one_process(client, setup, tmp_path):
     for a, b in zip(ref.models_, d.models_):
         sa, sb = _state(a), _state(b)
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    np.testing.assert_array_equal(_features(d), _features(ref))
+    np.testing.assert_array_equal(stored_features(d), stored_features(ref))
     np.testing.assert_array_equal(d.cholesky_[0], ref.cholesky_[0])
     np.testing.assert_array_equal(S_d, S)
     np.testing.assert_array_equal(np.asarray(st), S)
@@ -187,7 +182,7 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         # the killed block runs again, each other block once
         assert c >= 1 and runs[4] > c and runs == {**dict.fromkeys(range(8), c), 4: runs[4]}, \
             Path(net.log).read_text()
-        np.testing.assert_array_equal(_features(trak), _features(ref))
+        np.testing.assert_array_equal(stored_features(trak), stored_features(ref))
         with joblib.parallel_config(backend="dask"):
             trak.fit(X, y)
         assert _runs(net.log, X) == runs  # nothing recomputed
@@ -210,6 +205,6 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         again = _runs(net.log, X)
         assert all(again[b] == first[b] for b in kept)  # finished blocks: not recomputed
         assert again[4] == first[4] + c and all(again[b] >= c for b in range(8))
-        np.testing.assert_array_equal(_features(failing), _features(ref))
+        np.testing.assert_array_equal(stored_features(failing), stored_features(ref))
     finally:
         net.sentinel, net.mode, net.log = None, "exit", None

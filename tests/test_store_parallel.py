@@ -15,6 +15,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import stored_features
 
 from skattr import TorchModel
 from skattr.estimators import TRAK
@@ -38,12 +39,6 @@ def setup():
     net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
     model = TorchModel(net, epochs=3, lr=0.1, random_state=0).fit(X, y)
     return model, X, y, Xt, yt
-
-
-def _features(trak):
-    st = trak._features
-    return np.stack([np.concatenate([np.asarray(F) for _, _, F, _ in st.iter_blocks(m)])
-                     for m in range(st.n_models)])
 
 
 def _tokens(store):
@@ -142,11 +137,11 @@ def test_parallel_featurisation_equals_serial(setup, tmp_path):
     with joblib.parallel_config(backend="threading", n_jobs=2):
         par = TRAK(model, **kw, store=tmp_path / "b", block_size=20).fit(X, y)
         mem = TRAK(model, **kw, block_size=20).fit(X, y)
-    np.testing.assert_array_equal(_features(par), _features(ser))
-    np.testing.assert_array_equal(_features(mem), _features(ser))
+    np.testing.assert_array_equal(stored_features(par), stored_features(ser))
+    np.testing.assert_array_equal(stored_features(mem), stored_features(ser))
     np.testing.assert_array_equal(par.attribute(Xt, yt), ser.attribute(Xt, yt))
     other = TRAK(model, **kw, store=tmp_path / "c", block_size=13, batch_size=13).fit(X, y)
-    np.testing.assert_allclose(_features(other), _features(ser), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stored_features(other), stored_features(ser), rtol=1e-5, atol=1e-7)
 
 
 def test_scores_written_blockwise(setup, tmp_path):
@@ -216,4 +211,4 @@ def test_failing_block_names_block_and_worker_and_resumes(setup, tmp_path, monke
     assert all((folder / n).read_text() == kept[n] for n in kept)  # not recomputed
     assert len(list(folder.glob("*.done"))) == 9
     ref = TRAK(model, projection_dim=16, block_size=10).fit(X, y)
-    np.testing.assert_array_equal(_features(trak), _features(ref))
+    np.testing.assert_array_equal(stored_features(trak), stored_features(ref))
