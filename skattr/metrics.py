@@ -32,7 +32,7 @@ from ._fingerprint import config_key, data_hash, template_hash
 from ._validation import check_input, seed_from_random_state
 from .ensemble import train_models
 from .model import TorchModel
-from .outputs import LossOutput, make_output, output_values
+from .outputs import make_output, output_values
 
 __all__ = [
     "SubsetRetrainer",
@@ -325,10 +325,8 @@ def linear_datamodeling_score(attributions, X, y=None, *, retrainer, return_per_
             f"attributions cover {A.shape[1]} training examples but the SubsetRetrainer was "
             f"fitted on {retrainer.n_train_}."
         )
-    Y = retrainer.outputs(X, y)
-    if isinstance(make_output(retrainer.output), LossOutput):
-        # attributions of the loss are signed "positive = lowered the loss": they predict -loss
-        Y = -Y
+    # an attribution predicts the output's change in its direction (-loss for the loss)
+    Y = make_output(retrainer.output).direction * retrainer.outputs(X, y)
     return lds_from_outputs(A, retrainer.masks_, Y, return_per_sample=return_per_sample)
 
 

@@ -51,7 +51,12 @@ class ModelOutput:
     may wrap the network so that ``z`` is something else than its logits (e.g. a probe's logit on
     a hidden layer, see :class:`ProbeOutput`); ``prefixes`` then maps the
     model's parameter prefixes to the wrapped module's names.
+
+    ``direction`` is the sign with which a positive attribution moves this output: ``+1``
+    (the example raised it), ``-1`` for the loss (the example lowered it).
     """
+
+    direction = 1
 
     def network(self, net):
         return net
@@ -197,6 +202,8 @@ class LossOutput(ModelOutput):
     built on it are signed so that positive means the training example lowered this loss (it
     helped).
     """
+
+    direction = -1
 
     def check(self, model):
         self._task = model.task
