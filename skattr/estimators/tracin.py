@@ -25,6 +25,7 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .. import gradients as _grad
+from .._checks import nonfinite_parameters
 from .._validation import check_memory
 from ..ensemble import load_member
 from ..featurize import progress
@@ -206,7 +207,7 @@ class TracIn(BaseAttributor):
         models = []
         for i, (sd, _) in enumerate(pairs):
             m = load_member(self.model_, sd, f"checkpoints[{i}]")
-            bad = [n for n, p in m.network().named_parameters() if not bool(torch.isfinite(p).all())]
+            bad = nonfinite_parameters(m.network())
             if bad:
                 raise FloatingPointError(
                     f"checkpoints[{i}] has NaN or infinite parameters ({', '.join(bad[:3])}"
