@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .parallel import torch_threads
+
 SECTIONS = {
     "ntk": "skattr.reports.ntk",
     "trak": "skattr.reports.trak",
@@ -99,8 +101,6 @@ def main(argv=None):
             continue
         mods[name] = mod
     os.makedirs(args.out, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     total = sum(m.n_steps(args.size) for m in mods.values())
     progress = Progress(total, quiet=args.quiet)
@@ -110,7 +110,7 @@ def main(argv=None):
             f"thread(s), device {'cuda' if torch.cuda.is_available() else 'cpu'}; seed {args.seed}; "
             f"size {args.size}; sections {', '.join(mods)}.")
     sections, summary = [], {"size": args.size, "seed": args.seed, "sections": {}}
-    try:
+    with torch_threads(args.threads):
         for name, mod in mods.items():
             t, cpu = time.perf_counter(), time.process_time()
             fn = getattr(mod, REPORT_FUNCTION[name])
@@ -124,8 +124,6 @@ def main(argv=None):
             summary["sections"][name] = {"seconds": round(sec.seconds, 1),
                                          "cpu_seconds": round(time.process_time() - cpu, 1),
                                          **{k: v for k, v in sec.data.items() if k != "rows"}}
-    finally:
-        torch.set_num_threads(threads)
     elapsed = progress.elapsed()
     summary["seconds"] = round(elapsed, 1)
     summary["cpu_seconds"] = round(time.process_time(), 1)

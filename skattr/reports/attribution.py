@@ -14,11 +14,11 @@ import os
 import time
 
 import numpy as np
-import torch
 from sklearn.base import clone
 
 from ..estimators import HYDRA, TRAK, GradCosKernel, TraceNTK, TracIn
 from ..metrics import KernelAttribution, SubsetRetrainer
+from ..parallel import torch_threads
 from ..surrogates import KernelSurrogate
 from ..training import TrajectoryRecorder
 
@@ -203,9 +203,7 @@ def attribution_report(outdir, *, random_state=0, size="default", progress=None,
     progress = ensure(progress)
     cfg = SIZES[size]
     os.makedirs(outdir, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         (Xtr, ytr, Xte, yte, _, _), model = report_split(size, random_state)
         M = max(cfg["ensembles"])
         res = attribution_study(model, Xtr, ytr, Xte, yte, n_subsets=cfg["n_subsets"], n_models=M,
@@ -215,8 +213,6 @@ def attribution_report(outdir, *, random_state=0, size="default", progress=None,
         progress.step("attribution", "plots")
         path = plot_attribution({"MLP 64-64-64-10, digits": res["rows"]},
                                 os.path.join(outdir, "attribution_methods.png"))
-    finally:
-        torch.set_num_threads(threads)
     sec = Section(
         "attribution", "Attribution methods compared",
         "Every attribution method scores each training digit's effect on each test prediction; the "

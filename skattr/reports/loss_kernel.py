@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..parallel import torch_threads
+
 __all__ = [
     "loss_kernel_report",
     "mlp",
@@ -152,9 +154,7 @@ def loss_kernel_report(outdir, *, random_state=0, size="default", progress=None,
     plt = plotting._plt()
     os.makedirs(outdir, exist_ok=True)
     seed = int(random_state)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         # ---- multitask: block-diagonal by task
         progress.step("loss", f"multitask set ({cfg['n_mt']} points, 4 tasks): train an MLP")
         X, y, task = make_multitask(cfg["n_mt"], n_tasks=4, n_bits=8, k=2, interleave=True,
@@ -275,6 +275,4 @@ def loss_kernel_report(outdir, *, random_state=0, size="default", progress=None,
         plotting.save(fig, p)
         sec.figure(p, "The SGLD chains' mini-batch loss: after burn-in it should hover a little "
                       "above the trained weights' loss, neither drifting away nor diverging.")
-    finally:
-        torch.set_num_threads(threads)
     return sec

@@ -29,6 +29,7 @@ from ..estimators.concept import ConceptProbe, remove_and_retrain
 from ..estimators.trak import TRAK
 from ..metrics import KernelAttribution, SubsetRetrainer
 from ..model import TorchModel
+from ..parallel import torch_threads
 
 __all__ = [
     "trak_report",
@@ -331,12 +332,8 @@ def trak_report(outdir, *, random_state=0, size="default", progress=None, verbos
     attribution.  Writes its PNGs to ``outdir``; returns a :class:`~skattr.reports.document.Section`.
     """
     os.makedirs(outdir, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: extra threads only add synchronisation overhead
-    try:
+    with torch_threads(1):  # tiny networks: extra threads only add synchronisation overhead
         return _report(outdir, random_state, size, progress, verbose)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _report(outdir, random_state, size, progress, verbose):
