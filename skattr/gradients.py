@@ -753,8 +753,14 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
     def plan(engine):
         per, fixed, m, kept, groups = _probe(module, x, output, y, loss, prefixes, engine,
                                              specs)
+        held = []  # what the fixed bytes hold besides the engine, named in a MemoryError
         if projector is not None:
-            fixed += projector.planned_bytes(groups)
+            pb = projector.planned_bytes(groups)
+            fixed += pb
+            if pb:
+                held.append(f"{pb / 2**20:.1f} MiB of projection rows (projection_dim="
+                            f"{projector.k}, kind {projector.kind!r}: a smaller projection_dim "
+                            "or another kind holds less)")
         if reserved and fixed + int(reserved) + per > _memory.usable(limit) >= fixed + per:
             # the caller's output alone leaves no room: it is not the working memory's to
             # give back, so the budget then bounds the working memory only (said, not silent)
@@ -766,8 +772,10 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
                 UserWarning, stacklevel=3)
         else:
             fixed += int(reserved)
-        c = _memory.plan_chunk(n, per, limit, fixed=fixed,
-                               what=f"The {engine} gradient engine")
+            if reserved:
+                held.append(f"{int(reserved) / 2**20:.1f} MiB of this call's output")
+        what = f"The {engine} gradient engine" + (f" (holding {' and '.join(held)})" if held else "")
+        c = _memory.plan_chunk(n, per, limit, fixed=fixed, what=what)
         report.update(engine=engine, bytes_per_example=per, kept_bytes_per_example=kept,
                       fixed_bytes=fixed, budget=limit)
         return c, m, per, kept, fixed
