@@ -447,6 +447,9 @@ class RepresentationRecorder(Callback):
             self.store, meta, n_rows=n_rec * B, dim=width, n_models=1, block_size=G * B, dtype=dtype)
         self._layout[name] = {"kind": rec.kind, "shape": shape, "G": G, "B": B, "n_rec": n_rec}
         self._pending[name] = []
+        # verify the finished blocks once, before any step is skipped as stored: a damaged one
+        # loses its marker here (with a warning), so its steps are recorded again in full
+        self.stores_[name].missing()
 
     def _block_of(self, step, name):
         j = step // int(self.step_every)

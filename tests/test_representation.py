@@ -444,3 +444,28 @@ def test_store_records_resume_after_interruption_identically(digits, tmp_path, m
         assert m.read_text() == text  # not rewritten
     with pytest.raises(ValueError, match="record='factors'"):
         RepresentationTracer(model, store=tmp_path / "u", record="updates").fit(X, y)
+
+
+def test_store_with_a_damaged_block_is_recorded_again_in_full(digits, tmp_path, monkeypatch):
+    """A finished block whose data file was truncated (its marker kept) is recorded again over
+    all of its steps, not only the steps after the damage was noticed (a new user's refit
+    wrote a block with one step of 80 in it and kept it as finished)."""
+    import skattr.tracing as tracing
+
+    X, y = digits[0][:96], digits[1][:96]
+    Xte = digits[0][300:306]
+    model = _model(_cnn())
+    monkeypatch.setattr(tracing, "_STORE_BLOCK_BYTES", 20_000)
+    ref = RepresentationTracer(model, store=tmp_path / "a").fit(X, y)
+    S = ref.attribute(Xte)
+    # the first block of the layer with the most steps per block (not only the first step,
+    # which a refit always records again)
+    st = max(ref.recorder_.stores_.values(), key=lambda st: st.block_size)
+    assert st.block_size > ref.recorder_._layout[st.meta["layer"]]["B"]
+    block = st.path / "m000_b000000.f.npy"
+    data = block.read_bytes()
+    block.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="missing or damaged"):
+        again = RepresentationTracer(model, store=tmp_path / "a").fit(X, y)
+    np.testing.assert_array_equal(again.attribute(Xte), S)
+    assert max(again.weight_residual_.values()) == pytest.approx(max(ref.weight_residual_.values()))
