@@ -125,3 +125,23 @@ def test_warning_follows_the_fit_of_the_network(data):
         seen.add(fits)
         assert bool(_fit_recording(TRAK(model, projection_dim=32), X, y)) == fits, epochs
     assert seen == {True, False}
+
+
+def test_untrained_single_model_warns(digits, fitted):
+    """TRAK(template) with n_models=None attributes the template's network as it is: when that
+    network was never trained it predicts at chance, which is said (a new user got no word)."""
+    from skattr import UntrainedModelWarning
+
+    X, y = digits
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    template = TorchModel(net, epochs=5, lr=0.05, random_state=0)  # never fitted
+    p_true = 1.0 - _one_minus_p(template, X, y)
+    assert np.median(p_true) < 1.25 / 10  # measured without TRAK: at chance
+    with pytest.warns(UntrainedModelWarning, match=r"no better than chance.*fitted"):
+        TRAK(template, projection_dim=64).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedModelWarning)
+        warnings.simplefilter("ignore", SingleModelWarning)
+        TRAK(fitted, projection_dim=64).fit(X, y)
+        TRAK(template, n_models=2, projection_dim=64).fit(X, y)

@@ -47,7 +47,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._fingerprint import config_key, template_hash
 from ..ensemble import load_member, subset_indices, train_models
-from ..exceptions import SingleModelWarning
+from ..exceptions import SingleModelWarning, UntrainedModelWarning
 from ..outputs import (  # noqa: F401 - re-exported: they were defined here before skattr.outputs
     CallableOutput,
     LogitOutput,
@@ -169,6 +169,10 @@ class TRAK(BaseAttributor):
 
     Warns
     -----
+    UntrainedModelWarning
+        In ``fit``, when the one model attributed (as for ``SingleModelWarning``) has a median
+        ``p(true class)`` over the training set below 1.25 / (number of classes): most often a
+        ``TorchModel`` never fitted, which ``n_models=None`` attributes as it is.
     SingleModelWarning
         In ``fit``, once, when TRAK attributes one model (``n_models`` None or 1, or one given
         model) with a ``1 - p`` reweighting (``output="margin"`` or ``"logit"`` of a classifier)
@@ -289,6 +293,16 @@ class TRAK(BaseAttributor):
             return  # no 1 - p reweighting (a probe, a fixed class, a callable)
         q = np.asarray(self.q_, dtype=np.float64)
         median, thr = float(np.median(q)), self._FITTED_MEDIAN_Q
+        C = len(self.models_[0].class_labels())
+        if 1.0 - median < 1.25 / C:
+            warnings.warn(UntrainedModelWarning(
+                f"TRAK attributes one model that predicts its training set no better than chance: "
+                f"the median p(true class) over the {q.size} training examples is "
+                f"{1.0 - median:.3f} (chance 1/{C} = {1 / C:.3f}). Was the TorchModel fitted? "
+                "With n_models=None TRAK attributes the model as it is: call model.fit(X, y) "
+                "first, or pass n_models to train an ensemble of its clones."
+            ), stacklevel=3)
+            return
         if not median < thr:
             return
         warnings.warn(SingleModelWarning(
