@@ -572,6 +572,11 @@ class RepresentationTracer(BaseAttributor):
         dict {layer: ndarray of shape (n_samples,)}
         """
         X = self._check_X(X)
+        if not self._exact():
+            raise ValueError(
+                f"decomposition_residual needs the exact per-step updates, but this tracer was "
+                f"fitted with projection_dim={self.projection_dim}, which keeps only random "
+                f"projections of them. Refit with projection_dim=None to check the decomposition.")
         out = {n: [] for n in self.layers_}
         totals = {n: self.total_update(n) for n in self.layers_}
         for _, Xb in self._batches(X):
