@@ -45,6 +45,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from . import gradients as _grad
+from .capture import LayerCapture
 from .training import Callback
 
 __all__ = [
@@ -202,8 +203,8 @@ def row_dots(ra, rb):
 # ------------------------------------------------------------------------------ batch capture
 class BatchCapture:
     """Per-example loss gradients of a training step from the step's own forward and backward
-    pass (no second pass): forward hooks keep each layer's input, tensor hooks its output
-    gradient.  With the batch loss ``(1/|B|) sum_j l_j`` the output gradient of row ``j`` is
+    pass (no second pass): a :class:`~skattr.capture.LayerCapture` keeps each layer's input and
+    output gradient.  With the batch loss ``(1/|B|) sum_j l_j`` the output gradient of row ``j`` is
     ``(1/|B|) dl_j/dz_j``, so the records built from it are ``g_{j,t} = grad l_j / |B|``: the
     recursion's injection as is.
 
@@ -214,55 +215,37 @@ class BatchCapture:
 
     def __init__(self, net, prefixes, x_probe):
         self.specs = _grad.selected_modules(net, prefixes)
-        self.handles, self.active, self.cap = [], False, {}
+        self.capture = LayerCapture({n: mod for n, (mod, _) in self.specs.items()})
         self.ok = (_grad.structured_support(net, prefixes) is None
                    and not _grad.has_tied_parameters(self.specs)
                    and not any(getattr(m, "inplace", False) for m in net.modules()))
         if self.ok:  # every selected layer called exactly once per forward
-            self.install(net)
-            self.begin()
+            self.capture.install().begin()
             with torch.no_grad():
                 net(x_probe)
-            self.ok = all(len(self.cap.get(n, ())) == 1 for n in self.specs)
-            self.active = False
+            self.ok = all(len(c) == 1 for c in self.capture.end().values())
             if not self.ok:
                 self.remove()
 
-    def install(self, net):
-        def make_hook(name):
-            def hook(mod, inputs, out):
-                if not self.active:
-                    return
-                entry = [inputs[0].detach(), inputs[0]._version, inputs[0], None]
-                self.cap.setdefault(name, []).append(entry)
-                if out.requires_grad:
-                    out.register_hook(lambda g, e=entry: e.__setitem__(3, g.detach()))
-            return hook
-
-        self.handles = [self.specs[n][0].register_forward_hook(make_hook(n)) for n in self.specs]
-
     def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        self.capture.remove()
 
     def begin(self):
-        self.cap, self.active = {}, True
+        self.capture.begin()
 
     def records(self, pos):
         """Records of batch rows ``pos`` (``grad l_j / |B|``), or None if the pass did not
         capture them cleanly."""
-        self.active = False
+        calls = self.capture.end()
         recs = []
         for name, (mod, pnames) in self.specs.items():
-            c = self.cap.get(name)
-            if not c or len(c) != 1 or c[0][3] is None or c[0][2]._version != c[0][1]:
+            c = calls[name]
+            if len(c) != 1 or c[0].grad is None or c[0].input_modified:
                 return None
-            inp, _, _, g = c[0]
+            inp, g = c[0].input, c[0].grad
             if len(pos) != inp.shape[0]:  # only the tracked rows (all rows: no copy)
                 inp, g = inp[pos], g[pos]
             recs.extend(_grad.layer_records(name, mod, pnames, inp, g[:, None]))
-        self.cap = {}
         return recs
 
 

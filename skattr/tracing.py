@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capture import LayerCapture
 from .training import Callback
 
 _STORE_BLOCK_BYTES = 8 * 2**20  # target size of one on-disk block of records (several steps)
@@ -304,7 +305,9 @@ class RepresentationRecorder(Callback):
         self.layers_ = traceable_layers(net, self.layers)
         mods = dict(net.named_modules())
         self._mods = [mods[n] for n in self.layers_]
-        self._handles, self._cache = [], {}
+        # the clone of each output goes on through the network (an in-place activation
+        # modifies it, not the tensor whose gradient is hooked)
+        self._capture = LayerCapture(dict(zip(self.layers_, self._mods)), clone_output=True)
         group = state.optimizer.param_groups[0]
         self.momentum_ = float(group.get("momentum", 0.0) or 0.0)
         self.weight_decay_ = float(group.get("weight_decay", 0.0) or 0.0)
@@ -341,33 +344,11 @@ class RepresentationRecorder(Callback):
             fold = self.bias == "append"
             self._before = [layer_weight(m, fold).clone() for m in self._mods]
             return
-        self._cache = {n: {"a": [], "g": []} for n in self.layers_}
-        for n, m in zip(self.layers_, self._mods):
-            self._handles.append(m.register_forward_hook(self._make_hook(n)))
-
-    def _make_hook(self, name):
-        slot = self._cache[name]
-
-        def hook(mod, inputs, out):
-            slot["a"].append(inputs[0].detach())
-            grads = slot["g"]
-            pos = len(grads)
-            grads.append(None)
-
-            def save(g):
-                grads[pos] = g.detach()
-
-            out.register_hook(save)
-            # the clone goes on through the network (an in-place activation modifies it, not
-            # the tensor whose gradient is hooked)
-            return out.clone()
-
-        return hook
+        self._capture.install().begin()  # hooked during recorded steps only
 
     def _remove_hooks(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if getattr(self, "_capture", None) is not None:
+            self._capture.remove()
 
     def on_batch_end(self, state):
         self.lrs_.append(float(state.lr))
@@ -389,23 +370,22 @@ class RepresentationRecorder(Callback):
                 self.records_[n].append(StepRecord(step, state.lr, idx, "batch", D=D[None]))
             self._before = None
             return
+        calls = self._capture.end()
         self._remove_hooks()
         for n, m in zip(self.layers_, self._mods):
-            slot = self._cache[n]
-            if any(g is None for g in slot["g"]):
+            if any(c.grad is None for c in calls[n]):
                 raise RuntimeError(
                     f"RepresentationTracer: layer {n!r} got no output gradient in step {step} "
                     "(is its output used in the loss?)."
                 )
             # several calls of one layer in a forward pass are more positions of its update
-            U = torch.cat([layer_input(m, a, fold) for a in slot["a"]], dim=1)
-            V = torch.cat([layer_output(m, g) for g in slot["g"]], dim=1).mul(-float(state.lr) * scale)
+            U = torch.cat([layer_input(m, c.input, fold) for c in calls[n]], dim=1)
+            V = torch.cat([layer_output(m, c.grad) for c in calls[n]], dim=1).mul(-float(state.lr) * scale)
             rec = self._make_record(n, step, state.lr, idx, U, V)
             if self.store is None:
                 self.records_[n].append(rec)
             else:
                 self._to_store(n, rec, state)
-        self._cache = {}
 
     def _make_record(self, name, step, lr, idx, U, V):
         L, d_in, d_out = U.shape[1], U.shape[2], V.shape[2]
@@ -515,13 +495,12 @@ class RepresentationRecorder(Callback):
             if pend:
                 self._flush(name, pend[0][0] // self._layout[name]["G"])
         self._remove_hooks()
-        self._cache, self._mods, self._before = {}, None, None
+        self._capture, self._mods, self._before = None, None, None
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d.pop("_handles", None)
         d.pop("_mods", None)
-        d.pop("_cache", None)
+        d.pop("_capture", None)
         d.pop("_before", None)
         return d
 
