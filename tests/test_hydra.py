@@ -143,6 +143,35 @@ def test_replay_equals_training(run):
     assert c.replayed_ and not d.replayed_
 
 
+class _WithUnused(nn.Module):
+    """An MLP with a parameter the loss never reaches (no gradient: the optimizer skips it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Linear(D_IN, 6), nn.ReLU(), nn.Linear(6, C))
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_replay_reproduces_training_bitwise(dtype):
+    """The replay's update (torch.optim's SGD update function, called directly) gives the
+    trained parameters and momentum to the last bit, also with a parameter left without a
+    gradient."""
+    X, y = _data(40, seed=3)
+    m = TorchModel(_WithUnused(), epochs=3, batch_size=16, lr=0.2, momentum=0.9, weight_decay=0.01,
+                   lr_schedule="cosine", dtype=dtype, random_state=0, callbacks=[TrajectoryRecorder()]).fit(X, y)
+    rec = m.callbacks_[0]
+    fresh = clone(m).set_params(epochs=0, callbacks=None).fit(X, y)
+    net = hg.replay(fresh, rec, fresh.to_tensor(X), fresh.encode_y(y, len(X)), None)
+    for (k, a), b in zip(net.named_parameters(), m.module_.parameters()):
+        assert torch.equal(a, b), k
+    assert torch.equal(net.unused.weight, rec.checkpoints_[0][1]["unused.weight"])
+
+
 def test_scores_sign_and_scale(run):
     """c_i(x) = -grad l(x, theta_T) . d_i, checked against a finite difference of the actual
     retraining with w_i = 1 - eps (the first-order increase of the test loss on removal)."""

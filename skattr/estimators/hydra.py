@@ -38,6 +38,16 @@ from .base import BaseAttributor
 __all__ = ["HYDRA"]
 
 
+def _copy_trajectory(rec):
+    """A copy of a recorder with lists of its own; the checkpoints, batches and optimizer states
+    in them are shared (the replay reads them and copies what it modifies)."""
+    out = copy.copy(rec)
+    for k, v in vars(rec).items():
+        if isinstance(v, list):
+            setattr(out, k, list(v))
+    return out
+
+
 class _Hook(Callback):
     """Builds a :class:`~skattr.hypergradients.RecursionHook` on the live network inside
     ``TorchModel.fit`` and delegates to it.  Not copied by ``copy.deepcopy`` (``TorchModel.fit``
@@ -310,7 +320,7 @@ class HYDRA(BaseAttributor):
                 self.model_ = model
             else:
                 self._check_trajectory(rec, n)
-                rec = copy.deepcopy(rec)
+                rec = _copy_trajectory(rec)
                 self.model_ = None
             self.trajectory_ = rec
             self._fit_replay(X, y, X_target, y_target)
