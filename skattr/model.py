@@ -6,6 +6,7 @@ import copy
 import hashlib
 import math
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -199,6 +200,14 @@ class TorchModel(BaseEstimator):
         Floating inputs get the model's dtype.  Integer and boolean inputs (token ids) keep
         their dtype when the network has an ``nn.Embedding`` / ``nn.EmbeddingBag`` (they are
         then indices); otherwise they are features and get the model's dtype too.
+
+        When the network passes its input straight to an ``nn.Embedding`` /
+        ``nn.EmbeddingBag`` (its first layer, as in ``Sequential(Embedding(...), ...)`` or a
+        ``forward`` that starts with ``self.emb(x)``), ``X`` must hold token ids: floating
+        values that are whole numbers (token ids as scikit-learn's ``check_array`` or pandas
+        return them, float64) are converted to int64, other floating values raise a
+        ``ValueError``, as does an id outside ``0 .. num_embeddings - 1`` (naming it and its
+        place).  Integer types torch does not index with (uint8, int16, bool) become int64.
         """
         X = self._check_X(X, name)
         if hasattr(self, "input_shape_"):
@@ -224,8 +233,29 @@ class TorchModel(BaseEstimator):
         if self._keeps_dtype(X):  # validated without the cast to floating point
             if not isinstance(X, torch.Tensor):
                 X = np.asarray(X)
-            return check_input(X, name=name, dtype=X.dtype)
-        return check_input(X, name=name)
+            X = check_input(X, name=name, dtype=X.dtype)
+        else:
+            X = check_input(X, name=name)
+        emb = self._input_embedding(X)
+        return X if emb is None else _token_ids(X, *emb, name=name)
+
+    def _input_embedding(self, X):
+        """``(name, module)`` of the ``nn.Embedding`` / ``nn.EmbeddingBag`` the network hands
+        its input to unchanged, or None: learnt once per network, input kind and trailing shape
+        from one example (see :func:`_embedding_taking_input`)."""
+        net = self.module_ if hasattr(self, "module_") else self.module
+        if not isinstance(net, torch.nn.Module):
+            return None
+        floating = X.is_floating_point() if isinstance(X, torch.Tensor) else X.dtype.kind in "fc"
+        cache = _INPUT_EMBEDDING.setdefault(net, {})
+        key = (floating, tuple(X.shape[1:]))
+        if key not in cache:
+            cache[key] = _embedding_taking_input(net, X[:1], self.torch_dtype_)
+        name = cache[key]
+        if name is None:
+            return None
+        mod = dict(net.named_modules()).get(name)
+        return None if mod is None else (name, mod)
 
     def _as_tensor(self, X):
         dtype = None if self._keeps_dtype(X) else self.torch_dtype_
@@ -547,6 +577,96 @@ class TorchModel(BaseEstimator):
         # A wrapped (pretrained) module is usable without fit.
         tags.requires_fit = False
         return tags
+
+
+_EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+# {network: {(floating input, trailing shape): name of the embedding taking the input or None}}
+_INPUT_EMBEDDING = weakref.WeakKeyDictionary()
+
+
+class _Found(Exception):
+    """Stops the forward pass of :func:`_embedding_taking_input` at the first layer it reaches."""
+
+
+def _embedding_taking_input(net, x1, float_dtype):
+    """Name of the ``nn.Embedding`` / ``nn.EmbeddingBag`` that receives the network's input
+    ``x1`` (one example) as it is, else None.
+
+    One forward pass of ``x1`` (floating inputs in ``float_dtype``) with a hook before every
+    leaf module: the pass stops at the first leaf that is handed the input's data (its
+    storage, every value), or at the first leaf that is not an embedding (embeddings called
+    on something else, e.g. positions, run).  So a network that converts its input itself
+    (``self.emb(x.long())``) or never embeds it is left alone.  Nothing is computed for a
+    network without an embedding, and a pass that fails is taken as None (the real call then
+    raises torch's own error).
+    """
+    if not any(isinstance(m, _EMBEDDINGS) for m in net.modules()):
+        return None
+    p = next(iter(net.parameters()), None)
+    xt = x1 if isinstance(x1, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(x1))
+    xt = xt.to(device=p.device if p is not None else xt.device,
+               dtype=float_dtype if xt.is_floating_point() else None)
+    if xt.numel() == 0:
+        return None
+    names = {id(m): n for n, m in net.named_modules()}
+    found = []
+
+    def hook(mod, args):
+        a = args[0] if args else None
+        if (isinstance(a, torch.Tensor) and a.numel() == xt.numel()
+                and a.data_ptr() == xt.data_ptr()):
+            found.append(mod)
+            raise _Found
+        if not isinstance(mod, _EMBEDDINGS):
+            raise _Found
+
+    # prepended: before a lazy module's own hook materialises it
+    handles = [m.register_forward_pre_hook(hook, prepend=True) for m in net.modules()
+               if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            net(xt)
+    except _Found:
+        pass
+    except Exception:  # noqa: BLE001 - the network's own error surfaces on the real call
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if found and isinstance(found[0], _EMBEDDINGS):
+        return names[id(found[0])]
+    return None
+
+
+def _token_ids(X, name_emb, emb, *, name="X"):
+    """``X`` as the token ids ``emb`` indexes with: integral floating values as int64, an id
+    outside ``0 .. num_embeddings - 1`` or a fractional value a ``ValueError`` naming it."""
+    V = emb.num_embeddings
+    layer = f"nn.{type(emb).__name__}({V}, {emb.embedding_dim})"
+    tensor = isinstance(X, torch.Tensor)
+
+    def where(mask):
+        idx = (torch.nonzero(mask)[0].tolist() if tensor else np.argwhere(mask)[0].tolist())
+        return X[tuple(idx)].item(), f"{name}[{', '.join(map(str, idx))}]"
+
+    floating = X.is_floating_point() if tensor else X.dtype.kind in "fc"
+    if floating:
+        frac = (X != X.round()) if tensor else (X != np.round(X))
+        if bool(frac.any()):
+            v, at = where(frac)
+            raise ValueError(
+                f"{name} holds float values ({v!r} at {at}) but the network's first layer "
+                f"{name_emb!r} is {layer}: pass integer token ids (e.g. {name}.astype('int64')).")
+    lo, hi = (X.min(), X.max())
+    if bool(lo < 0) or bool(hi >= V):
+        v, at = where((X < 0) | (X >= V))
+        v = int(v) if float(v).is_integer() else v
+        raise ValueError(
+            f"token id {v} at {at} is out of range for {layer} (the network's first layer "
+            f"{name_emb!r}): ids must lie in 0 .. {V - 1}.")
+    if tensor:
+        return X if X.dtype in (torch.int64, torch.int32) else X.to(torch.int64)
+    return X if X.dtype in (np.int64, np.int32) else X.astype(np.int64)
 
 
 def _has_lazy(module):
