@@ -298,3 +298,93 @@ def test_single_class_surrogate(data):
     model, X, _ = data
     with pytest.raises(ValueError, match="only one class"):
         KernelSurrogate(TraceNTK(model), "krr").fit(X, np.ones(6, int))
+
+
+# ----------------------------------------------------------------------------- token ids
+V_TOK = 13  # vocabulary of the token networks
+
+
+class _Tokens(nn.Module):
+    """Token ids (n, 4) -> nn.Embedding(13, 3) -> mean -> Linear: the ids go straight in."""
+
+    def __init__(self, convert=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head, self.convert = nn.Embedding(V_TOK, 3), nn.Linear(3, 3), convert
+
+    def forward(self, t):
+        return self.head(self.emb(t.long() if self.convert else t).mean(1))
+
+
+class _Positions(nn.Module):
+    """Float features (n, 4) plus a learnt embedding of the positions 0..3 (not of the input)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos, self.lin, self.head = nn.Embedding(4, 1), nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(x + self.pos(torch.arange(4, device=x.device))[:, 0]))
+
+
+def _ids(n=6):
+    return np.random.RandomState(0).randint(0, V_TOK, (n, 4))
+
+
+def test_float_token_ids_name_the_embedding():
+    """Fractional floats fed to an nn.Embedding first layer: a ValueError naming the value,
+    its place and the layer, from the model's input conversion (before: torch's 'Expected
+    tensor for argument #1 indices ... Long, Int' from deep inside the gradient call)."""
+    X, y = _ids().astype(np.float64), np.arange(6) % 3
+    X[2, 1] += 0.5
+    model = TorchModel(_Tokens(), dtype="float64")
+    msg = (r"X holds float values \(.*\.5 at X\[2, 1\]\) but the network's first layer 'emb' "
+           r"is nn.Embedding\(13, 3\): pass integer token ids")
+    for call in (lambda: model.per_example_gradients(X, y), lambda: model.predict(X),
+                 lambda: TraceNTK(model).fit(X),
+                 lambda: TorchModel(_Tokens(), epochs=1).fit(X, y)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+@pytest.mark.parametrize("bad", [V_TOK + 3, -1])
+def test_out_of_vocabulary_ids_name_the_id_and_place(bad):
+    X, y = _ids(), np.arange(6) % 3
+    X[4, 2] = bad
+    model = TorchModel(_Tokens(), dtype="float64")
+    msg = rf"token id {bad} at X\[4, 2\] is out of range for nn.Embedding\(13, 3\).*0 \.\. 12"
+    for Xb in (X, torch.as_tensor(X), X.astype(np.float64)):
+        with pytest.raises(ValueError, match=msg):
+            model.per_example_gradients(Xb, y)
+    with pytest.raises(ValueError, match=msg):
+        TraceNTK(model).fit(X)
+
+
+def test_token_ids_in_other_dtypes_are_the_same_ids():
+    """Whole-number floats (check_array's float64) and uint8 ids give the int64 ids' gradients;
+    a network that converts its input itself, or embeds something else, keeps float input."""
+    X, y = _ids(), np.arange(6) % 3
+    model = TorchModel(_Tokens(), dtype="float64")
+    ref = model.per_example_gradients(X, y)
+    for Xb in (X.astype(np.float64), X.astype(np.float32), X.astype(np.uint8),
+               torch.as_tensor(X, dtype=torch.float64)):
+        np.testing.assert_array_equal(model.per_example_gradients(Xb, y), ref)
+    converts = TorchModel(_Tokens(convert=True), dtype="float64")
+    assert converts.to_tensor(X.astype(np.float64)).dtype == torch.float64
+    np.testing.assert_array_equal(converts.per_example_gradients(X.astype(np.float64), y), ref)
+    Xf = np.random.RandomState(1).randn(6, 4)  # fractional features, positions embedded
+    pos = TorchModel(_Positions(), dtype="float64")
+    assert pos.to_tensor(Xf).dtype == torch.float64 and np.isfinite(pos.predict_proba(Xf)).all()
+
+
+def test_decomposition_residual_with_projection_dim_says_what_to_do():
+    from skattr.estimators import RepresentationTracer
+
+    X = np.random.RandomState(0).randn(16, 5)
+    tr = RepresentationTracer(TorchModel(make_mlp(), epochs=1, batch_size=8, momentum=0.0,
+                                         dtype="float64", random_state=0),
+                              projection_dim=4).fit(X, np.arange(16) % 3)
+    with pytest.raises(ValueError, match=r"projection_dim=4.*Refit with projection_dim=None") as e:
+        tr.decomposition_residual(X[:2])
+    assert "total_update" not in str(e.value)
