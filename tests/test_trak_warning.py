@@ -145,3 +145,20 @@ def test_untrained_single_model_warns(digits, fitted):
         warnings.simplefilter("ignore", SingleModelWarning)
         TRAK(fitted, projection_dim=64).fit(X, y)
         TRAK(template, n_models=2, projection_dim=64).fit(X, y)
+
+
+def test_a_refit_of_the_same_fit_does_not_repeat_the_warning(digits, fitted):
+    """AttributionKernel and KernelSurrogate refit a clone of the TRAK they are given: on the
+    data the user fitted it on, that is the user's fit again, and its warning is not repeated
+    (before: printed twice). A fit on other data, or the user's own refit, warns again."""
+    from skattr.estimators import AttributionKernel
+    from skattr.surrogates import KernelSurrogate
+
+    X, y = digits
+    tr = TRAK(fitted, projection_dim=64)
+    assert len(_fit_recording(tr, X, y)) == 1
+    assert _fit_recording(AttributionKernel(tr), X, y) == []
+    assert _fit_recording(KernelSurrogate(tr, "krr"), X, y) == []  # clone of a clone
+    assert len(_fit_recording(AttributionKernel(TRAK(fitted, projection_dim=64)), X, y)) == 1
+    assert len(_fit_recording(AttributionKernel(tr), X[:250], y[:250])) == 1
+    assert len(_fit_recording(tr, X, y)) == 1

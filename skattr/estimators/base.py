@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -104,7 +105,23 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
                 new[k] = copy.deepcopy(v)
             else:
                 new[k] = clone(v, safe=False)
-        return type(self)(**new)
+        out = type(self)(**new)
+        # what this attributor's fit warned (and what its own original's did): a clone refitted
+        # on the same data (AttributionKernel and KernelSurrogate refit the attributor they are
+        # given) does not repeat those warnings, see _warn
+        out._warned_before = self._warned_before | getattr(self, "_warned", frozenset())
+        return out
+
+    _warned_before = frozenset()
+
+    def _warn(self, warning, stacklevel):
+        """``warnings.warn(warning)`` from a fit, unless the attributor this one was cloned from
+        gave the same warning when fitted on the same data (the user saw it then).
+        ``stacklevel`` counts from the caller of ``_warn``."""
+        key = (self.train_fingerprint_, type(warning).__name__, str(warning))
+        self._warned = getattr(self, "_warned", frozenset()) | {key}
+        if key not in self._warned_before:
+            warnings.warn(warning, stacklevel=stacklevel + 1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -196,6 +213,7 @@ class BaseAttributor(TransformerMixin, BaseEstimator):
         self.input_shape_ = tuple(X.shape[1:])
         self.n_train_ = n
         self.train_fingerprint_ = data_hash(X, y)
+        self._warned = frozenset()  # the warnings of this fit (_warn)
         self.output_ = make_output(self._get_output())
 
         models, masks = self._fit_models(X, y)

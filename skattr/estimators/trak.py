@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -295,7 +294,7 @@ class TRAK(BaseAttributor):
         median, thr = float(np.median(q)), self._FITTED_MEDIAN_Q
         C = len(self.models_[0].class_labels())
         if 1.0 - median < 1.25 / C:
-            warnings.warn(UntrainedModelWarning(
+            self._warn(UntrainedModelWarning(
                 f"TRAK attributes one model that predicts its training set no better than chance: "
                 f"the median p(true class) over the {q.size} training examples is "
                 f"{1.0 - median:.3f} (chance 1/{C} = {1 / C:.3f}). Was the TorchModel fitted? "
@@ -305,7 +304,7 @@ class TRAK(BaseAttributor):
             return
         if not median < thr:
             return
-        warnings.warn(SingleModelWarning(
+        self._warn(SingleModelWarning(
             f"TRAK attributes one model, and it fits its training set: 1 - p(true class) is below "
             f"{thr:g} for {np.mean(q < thr):.0%} of the {q.size} training examples (median "
             f"{median:.1e}), so TRAK's 1 - p weights scale most scores by less than 1/100 and the "
