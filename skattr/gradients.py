@@ -711,7 +711,7 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
     x : torch.Tensor of shape (n, ...)
         The batch; floating inputs in the module's dtype, integer inputs (token ids) as they are.
     output, y, loss, prefixes
-        See ``docs/gradients.md``.
+        See the documentation's gradients page (``gradients.html``).
     method : {"auto", "structured", "vmap", "autograd"}, default="auto"
         "auto": the structured engine when it handles the model, else ``torch.func.vmap``, else
         (recurrent layers, or vmap failing) a per-example autograd loop.  "vmap" skips the

@@ -162,3 +162,37 @@ def test_a_refit_of_the_same_fit_does_not_repeat_the_warning(digits, fitted):
     assert len(_fit_recording(AttributionKernel(TRAK(fitted, projection_dim=64)), X, y)) == 1
     assert len(_fit_recording(AttributionKernel(tr), X[:250], y[:250])) == 1
     assert len(_fit_recording(tr, X, y)) == 1
+
+
+def _message_strings():
+    """Every string constant of skattr's code that is not a docstring (messages, mostly)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(skattr.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and n.body and isinstance(n.body[0], ast.Expr)
+                and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
+                yield f"{path.name}:{n.lineno}", n.value
+
+
+def test_messages_name_documentation_pages_not_repository_paths(digits, fitted):
+    """A pip user has no docs/ folder: messages name the page as the site builds it
+    (``trak.html``), and every page so named exists in the documentation's sources."""
+    from pathlib import Path
+
+    X, y = digits
+    msg = str(_fit_recording(TRAK(fitted, projection_dim=64), X, y)[0].message)
+    assert "trak.html#how-many-models" in msg and "docs/" not in msg
+    src = Path(__file__).resolve().parent.parent / "docs"
+    assert "\n## How many models\n" in (src / "trak.md").read_text()  # the anchor's heading
+    for where, s in _message_strings():
+        assert "docs/" not in s, where
+        for page in re.findall(r"\b([A-Za-z_]+)\.html\b", s):
+            if page not in ("report",):  # the main job's own output file
+                assert (src / f"{page}.md").exists() or (src / f"{page}.rst").exists(), where

@@ -295,7 +295,8 @@ def remove_and_retrain(
 
     Examples
     --------
-    See ``benchmarks/trak_experiments.py`` and ``docs/trak.md``.
+    See ``benchmarks/trak_experiments.py`` in the source repository and the documentation's
+    TRAK page (``trak.html``).
     """
     X = check_input(X)
     n = X.shape[0]

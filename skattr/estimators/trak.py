@@ -182,8 +182,8 @@ class TRAK(BaseAttributor):
         gives the measured median and share and what to do: ``n_models >= 4``, or a method
         built for one model (:class:`~skattr.estimators.TracIn` over its checkpoints,
         :class:`~skattr.estimators.influence.InfluenceFunction`,
-        :class:`~skattr.estimators.HYDRA`).  Measured on digits in ``docs/trak.md``, section
-        "How many models".
+        :class:`~skattr.estimators.HYDRA`).  Measured on digits in the documentation's TRAK
+        page (``trak.html``), section "How many models".
 
     Examples
     --------
@@ -311,7 +311,8 @@ class TRAK(BaseAttributor):
             "top proponents follow the few unfitted examples rather than the target.  Use an "
             "ensemble, n_models>=4 (clones trained on random subsets; or models=[...] of "
             "independently trained networks), or a method built for one model: TracIn over its "
-            "checkpoints, InfluenceFunction, HYDRA (docs/trak.md, 'How many models')."
+            "checkpoints, InfluenceFunction, HYDRA (skattr documentation, page trak.html, "
+            "section 'How many models': trak.html#how-many-models)."
         ), stacklevel=3)
 
     def _reweighting(self):
