@@ -223,17 +223,23 @@ def _selected(module, prefixes):
     return out
 
 
+def _label(mname):
+    """A module's name in a message: the network itself (name ``""``) is ``<root>``."""
+    return mname or "<root>"
+
+
 def _recurrent(module):
     """The first recurrent layer (name, type name) in ``module``, or None."""
     for mname, mod in module.named_modules():
         if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
-            return mname or "(root)", type(mod).__name__
+            return _label(mname), type(mod).__name__
     return None
 
 
 def structured_support(module, prefixes=None):
     """``None`` if the structured engine handles ``module``, else the reason it does not."""
     for mname, (mod, _names) in _selected(module, prefixes).items():
+        mname = _label(mname)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 return f"{mname}: Conv with groups/padding mode/str padding"
@@ -318,7 +324,7 @@ def _structured_once(module, specs, x, output, y, loss, outputs, clone_out, clon
                 ps = [getattr(specs[n][0], pn) for n in missing for pn in specs[n][1]]
                 used = torch.autograd.grad(vals.sum(), ps, retain_graph=True, allow_unused=True)
                 if any(g is not None for g in used):
-                    raise _Unsupported(f"{missing[0]!r} holds selected parameters but its "
+                    raise _Unsupported(f"{_label(missing[0])!r} holds selected parameters but its "
                                        "forward is never called (its parameters are used "
                                        "another way)")
                 specs = {n: v for n, v in specs.items() if n in captured}

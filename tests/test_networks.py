@@ -382,3 +382,29 @@ def test_engine_report():
     G.compute_records(_build("resnet", torch.float64), _inputs("resnet", 2), method="vmap",
                       info=info)
     assert info["engine"] == "vmap" and "method='vmap'" in info["reason"]
+
+
+class _RootParameter(nn.Module):
+    """A Parameter held by the network itself (module name ""), scaling the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5, dtype=torch.float64))
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.head(x * self.scale)
+
+
+def test_engine_reason_names_the_root_module():
+    """The network itself is named ``<root>`` in the engine's reason (before: an empty name,
+    ": _RootParameter is not ..."); its gradients still equal the brute force."""
+    torch.manual_seed(0)
+    net, X = _RootParameter().eval(), _inputs("tied-linear", 3)
+    info = {}
+    recs = G.compute_records(net, X, info=info)
+    assert info["engine"] == "vmap"
+    assert info["reason"].startswith("<root>: _RootParameter is not a Linear")
+    assert_rel_close(G.flatten(recs), brute_force(net, X), rtol=1e-10)
+    with pytest.raises(ValueError, match="cannot handle this model: <root>: _RootParameter"):
+        G.compute_records(net, X, method="structured")
