@@ -12,7 +12,8 @@ rate, batch 64), timed as
 * ``HYDRA(model, hessian="exact", track=...)`` on a few tracked examples (Hessian-vector
   products at every step), whose cost grows linearly with the number tracked;
 
-each as a ratio to the plain training time (median of ``--repeats``, after a warm-up).
+each as a ratio to the plain training time (median of ``--repeats``, all runs interleaved
+round-robin after one warm-up each), in wall-clock seconds and in this process's CPU seconds.
 
 Part ``error``: a small MLP (64-16-10) on 200 digits, trained for 1 ... 16 epochs; the relative
 error of the Hessian-free and Gauss-Newton hypergradients (and of their scores on 100 test
@@ -60,26 +61,21 @@ def _recipe(module, epochs, **kw):
     return TorchModel(module, **p)
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    ts, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), out
-
-
-def _interleaved(runs, repeats):
+def _interleaved(runs, repeats, cpu=None):
     """Median seconds of each run, the runs interleaved round-robin after one warm-up each (the
-    machine's load then affects them alike)."""
+    machine's load then affects them alike).  With a dict ``cpu``, also the median CPU seconds
+    of this process (``time.process_time``; less sensitive to other processes on the machine)."""
     outs = {name: fn() for name, fn in runs.items()}
     ts = {name: [] for name in runs}
+    cs = {name: [] for name in runs}
     for _ in range(max(1, repeats)):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outs[name] = fn()
             ts[name].append(time.perf_counter() - t0)
+            cs[name].append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.update({name: float(np.median(v)) for name, v in cs.items()})
     return {name: float(np.median(v)) for name, v in ts.items()}, outs
 
 
@@ -106,27 +102,29 @@ def part_speed(args):
         "lean_full": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean").fit(
             Xtr, ytr, X_target=Xte, y_target=yte),
         "none_sub": lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="none", track=track).fit(Xtr, ytr),
+        "exact": lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="exact", track=track).fit(Xtr, ytr),
     }
-    times, outs = _interleaved(runs, args.repeats)
-    t_train, t_proj, t_lean, t_lean_full, t_none_sub = (times[k_] for k_ in runs)
+    cpu = {}
+    times, outs = _interleaved(runs, args.repeats, cpu)
     hp, hl = outs["proj"], outs["lean"]
-    t_exact, _ = _median_time(
-        lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="exact", track=track).fit(Xtr, ytr), 1)
     # agreement of projected and lean scores on the same targets (lean: exact inner products)
     Sp, Sl = hp.attribute(Xte, yte), hl.attribute(None)
     rho = np.mean([spearmanr(a, b)[0] for a, b in zip(Sp, Sl)])
     acc = float(model.score(Xte, yte))
-    rows = [
-        ["plain training (TorchModel.fit + recorder)", t_train, 1.0, "-"],
-        [f"HYDRA projection_dim={k}, all {n} examples (trains once)", t_proj, t_proj / t_train, "<= 2"],
-        [f"HYDRA lean replay, {len(Xte)} targets (replays the recorder)", t_lean, t_lean / t_train, "<= 1.5"],
-        ["HYDRA lean, training + replay", t_lean_full, t_lean_full / t_train, "-"],
-        [f"HYDRA hessian='exact', {n_exact} tracked", t_exact, t_exact / t_train, "-"],
-        [f"HYDRA hessian='none' (full vectors), {n_exact} tracked", t_none_sub, t_none_sub / t_train, "-"],
-    ]
-    print_table(rows, ["what", "seconds", "x training", "goal"],
+    what = {
+        "train": ("plain training (TorchModel.fit + recorder)", "-"),
+        "proj": (f"HYDRA projection_dim={k}, all {n} examples (trains once)", "<= 2"),
+        "lean": (f"HYDRA lean replay, {len(Xte)} targets + self-influence (replays the recorder)", "<= 1.5"),
+        "lean_full": ("HYDRA lean, training + replay", "-"),
+        "exact": (f"HYDRA hessian='exact', {n_exact} tracked", "-"),
+        "none_sub": (f"HYDRA hessian='none' (full vectors), {n_exact} tracked", "-"),
+    }
+    rows = [[label, times[key], times[key] / times["train"], cpu[key], cpu[key] / cpu["train"], goal]
+            for key, (label, goal) in what.items()]
+    print_table(rows, ["what", "seconds", "x training", "CPU seconds", "x training (CPU)", "goal"],
                 title=f"MLP 64-256-256-10, {n} digits, {epochs} epochs ({steps} SGD steps), "
-                      f"test accuracy {acc:.3f}; projected vs lean scores: mean Spearman {rho:.3f}")
+                      f"test accuracy {acc:.3f}; projected vs lean scores: mean Spearman {rho:.3f}; "
+                      f"median of {args.repeats}, interleaved; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def _tiny(seed=0):
