@@ -15,6 +15,12 @@ Sections (``--sections``, default all):
 - ``defaults`` (issue 10): ARI at the *default* settings (``step_size="auto"``,
   ``thin="auto"``) on ``make_multitask`` and on ``make_multitask_subspaces``, 5 seeds each, with
   the self-checks (ESS, R-hat, split-half reliability); then a healthy and a broken run.
+- ``fit`` (issue 11): the variance of each example's loss (``kind="covariance"``,
+  ``variance_``) as a flipped-label score against how well the network fits its training
+  labels: the main job's noisy-label digits MLP (``skattr.reports.hydra``, quick size) trained
+  8 and 24 epochs, and ``make_hierarchy`` trained 1 to 40 epochs, next to the loss, the
+  posterior mean loss, ``|grad l_i|^2`` and TRAK-1; then sampler variants on the under-trained
+  digits network.
 
 Run::
 
@@ -296,8 +302,114 @@ def defaults(args):
                       "(make_multitask_subspaces, seed 0)")
 
 
+# ------------------------------------------------------------------------------ (6)
+def fit(args):
+    from scipy.stats import spearmanr
+    from torch import nn
+
+    from skattr.estimators import TRAK
+    from skattr.metrics import mislabel_detection_auc as auc
+    from skattr.reports import hydra as H
+
+    def found(s, flipped):
+        return float(flipped[np.argsort(-s, kind="stable")[: int(flipped.sum())]].mean())
+
+    def data(name, seed):
+        if name == "digits":
+            cfg = H.SIZES["quick"]
+            X, y = load_digits_images(as_images=False)
+            tr = np.random.RandomState(seed).permutation(len(X))[: cfg["n_train"]]
+            X, y = X[tr], y[tr]
+        else:
+            X, y, _ = make_hierarchy(600, branching=(3, 3), n_features=20, noise=1.5,
+                                     random_state=seed)
+            perm = np.random.RandomState(seed).permutation(len(X))[:400]
+            X, y = X[perm], y[perm]
+        yn, flipped = flip_labels(y, 0.1, random_state=seed)
+        return X, yn, flipped
+
+    def train(name, epochs, seed, X, yn):
+        if name == "digits":
+            return H._recipe(H.SIZES["quick"]["width"], epochs, seed).fit(X, yn)
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                            nn.Linear(64, 9))
+        return TorchModel(net, epochs=epochs, batch_size=64, lr=0.01, momentum=0.9,
+                          weight_decay=5e-4, lr_schedule="cosine", device="cpu",
+                          random_state=seed).fit(X, yn)
+
+    def scores(model, X, yn, **kw):
+        t = time.perf_counter()
+        lk = LossKernel(model, kind="covariance", keep=None, **kw).fit(X, yn)
+        return lk, time.perf_counter() - t
+
+    runs = [("digits", 8), ("digits", 24), ("hierarchy", 1), ("hierarchy", 2),
+            ("hierarchy", 40)]
+    if args.quick:
+        runs = [("digits", 8), ("digits", 24)]
+    rows = []
+    for seed in args.seeds:
+        for name, epochs in runs:
+            X, yn, flipped = data(name, seed)
+            model = train(name, epochs, seed, X, yn)
+            loss = model.per_example_loss(X, yn)
+            G = np.asarray(model.per_example_gradients(X, yn), dtype=np.float64)
+            g2 = (G**2).sum(1)
+            with torch.no_grad():
+                p = torch.softmax(model.logits(X).double(), 1).numpy()
+            p_true = p[np.arange(len(yn)), model.encode_y(yn, len(yn)).cpu().numpy()]
+            trak = TRAK(model, models=[model], projection_dim=256, output="loss").fit(
+                X, yn).self_influence()
+            lk, secs = scores(model, X, yn, random_state=seed)
+            v = lk.variance_
+            rows.append([name, epochs, seed, model.score(X[~flipped], yn[~flipped]),
+                         float(np.median(p_true)), lk.init_loss_,
+                         float(np.nanmean(lk.draw_losses_)),
+                         f"{auc(v, flipped):.3f} ({found(v, flipped):.2f})",
+                         f"{auc(lk.mean_loss_, flipped):.3f}",
+                         f"{auc(loss, flipped):.3f} ({found(loss, flipped):.2f})",
+                         f"{auc(g2, flipped):.3f}",
+                         f"{auc(trak, flipped):.3f} ({found(trak, flipped):.2f})",
+                         f"{spearmanr(v, g2)[0]:.2f}", f"{spearmanr(v, loss)[0]:.2f}", secs])
+            print(f"  fit {name} {epochs} epochs seed {seed} done", flush=True)
+    print_table(rows, ["data", "epochs", "seed", "acc (unflipped)", "median p(label)",
+                       "init_loss_", "mean draw loss", "AUC variance (top-q share)",
+                       "AUC mean_loss_", "AUC loss (top-q)", "AUC |grad|^2", "AUC TRAK-1 (top-q)",
+                       "spearman(var, |grad|^2)", "spearman(var, loss)", "LK fit s"],
+                title="(6a) Flipped-label detection by the loss-kernel variance (LossKernel "
+                      "defaults, kind='covariance') against the network's fit; 400 training "
+                      "points, 10% flipped; top-q = share of the flips among as many top "
+                      "suspects as flips")
+
+    # sampler settings on the under-trained digits network (seed: the first)
+    seed = args.seeds[0]
+    X, yn, flipped = data("digits", seed)
+    model = train("digits", 8, seed, X, yn)
+    variants = [("defaults", {}), ("step_size 6.25e-4", dict(step_size=6.25e-4)),
+                ("step_size 1e-4", dict(step_size=1e-4)),
+                ("localization 1000", dict(localization=1000.0)),
+                ("burn_in 1000", dict(burn_in=1000)), ("n_draws 400", dict(n_draws=400)),
+                ("nbeta 400", dict(nbeta=400.0))]
+    if args.quick:
+        variants = variants[:2]
+    vrows = []
+    for label, kw in variants:
+        lk, secs = scores(model, X, yn, random_state=seed, **kw)
+        v = lk.variance_
+        vrows.append([label, f"{lk.step_size_:.3g}", lk.thin_, f"{lk.nbeta_:.1f}",
+                      lk.init_loss_, float(np.nanmean(lk.draw_losses_)),
+                      f"{np.nansum(lk.ess_):.0f}", f"{lk.rhat_pooled_:.3f}",
+                      lk.split_half_reliability_, f"{auc(v, flipped):.3f}",
+                      f"{found(v, flipped):.2f}", f"{auc(lk.mean_loss_, flipped):.3f}", secs])
+        print(f"  variant {label} done", flush=True)
+    print_table(vrows, ["LossKernel", "step_size_", "thin_", "nbeta_", "init_loss_",
+                        "mean draw loss", "sum ess_", "rhat_pooled_", "split-half r",
+                        "AUC variance", "top-q share", "AUC mean_loss_", "fit s"],
+                title=f"(6b) Sampler settings on the digits MLP trained 8 epochs (seed {seed})")
+
+
 SECTIONS = {"closed": closed_form, "multitask": multitask, "hierarchy": hierarchy,
-            "mislabel": mislabel, "defaults": defaults}
+            "mislabel": mislabel, "defaults": defaults, "fit": fit}
 
 
 def main(argv=None):
