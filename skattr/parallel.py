@@ -14,13 +14,21 @@ and the model's seed -- never on which worker runs it or on how many there are:
 * :func:`score_blocks` -- the ``(n_targets, n_train)`` scores of an attributor, one column block
   per job, written to a :class:`~skattr.store.ScoreStore` or merged into a streamed top-k.
 
+* :func:`run_blocks` -- any other list of independent jobs (influence-function solves over blocks
+  of targets, TracIn's checkpoints), results returned in job order.
+
 A job that raises is reported as a :class:`BlockError` naming the block, its rows and the worker
-(``host:pid``); a worker that dies is reported with the number of blocks kept.
+(``host:pid``).  A worker that dies is replaced by Dask and its block rerun; a block whose worker
+dies every time (more than the scheduler's ``allowed-failures``) stops the run with a
+:class:`BlockError` naming the block and the workers, where joblib's own Dask backend would wait
+for it forever; finished blocks of an on-disk store are kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -29,7 +37,8 @@ from joblib.parallel import get_active_backend
 
 from .store import ScoreStore, TopK, _merge_top, top_k_blocks, writer_id
 
-__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "score_blocks", "torch_threads"]
+__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "run_blocks", "score_blocks",
+           "torch_threads"]
 
 
 class BlockError(RuntimeError):
@@ -74,14 +83,158 @@ class torch_threads:
         torch.set_num_threads(self.prev)
 
 
+_DASK_BACKEND = []
+
+
+def _dask_backend_class():
+    """joblib's Dask backend with failed tasks reported (built on first use: it imports
+    ``distributed``)."""
+    if _DASK_BACKEND:
+        return _DASK_BACKEND[0]
+    from joblib._dask import DaskDistributedBackend
+
+    class _ReportingDaskBackend(DaskDistributedBackend):
+        """joblib 1.6's Dask backend hands a task that Dask marks failed (``KilledWorker``:
+        its worker died more than ``allowed-failures`` times, or the task could not be
+        deserialised) to the waiting future only, never to joblib's completion callback, so
+        ``Parallel`` waits for it forever, whatever ``return_as``.  Here the callback gets a
+        :class:`BlockError` naming the task's block."""
+
+        def submit(self, func, callback=None):
+            what = _describe(func)
+
+            def report(out):
+                if isinstance(out, _TaskFailed):
+                    exc = out.exc
+                    out = BlockError(f"The worker running {what} died or failed on every try "
+                                     f"({type(exc).__name__}: {exc})")
+                return callback(out)
+
+            return super().submit(func, callback=report if callback is not None else None)
+
+        async def _collect(self):
+            while self._continue:
+                async for future, result in self.waiting_futures:
+                    cf_future = self._results.pop(future)
+                    callback = self._callbacks.pop(future)
+                    if future.status == "error":
+                        _, exc, _ = result
+                        cf_future.set_exception(exc)
+                        if callback is not None:
+                            callback(_TaskFailed(exc))
+                    else:
+                        cf_future.set_result(result)
+                        callback(result)
+                await asyncio.sleep(0.01)
+
+    _DASK_BACKEND.append(_ReportingDaskBackend)
+    return _ReportingDaskBackend
+
+
+class _TaskFailed:
+    def __init__(self, exc):
+        self.exc = exc
+
+
+def _describe(func):
+    """What a joblib batch of one task computes: ``describe(*args)`` of its function."""
+    try:
+        f, args, kwargs = func.items[0]
+        return f.describe(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a task of another kind: name it generically
+        return "a task"
+
+
+def _backend():
+    """The backend for ``Parallel``: ``None`` (the active one), or, when it is joblib's Dask
+    backend, the same client through :func:`_dask_backend_class` (failed tasks reported)."""
+    active = get_active_backend()[0]
+    if type(active).__name__ != "DaskDistributedBackend" or not hasattr(active, "_collect"):
+        return None
+    try:
+        cls = _dask_backend_class()
+    except ImportError:  # pragma: no cover
+        return None
+    new = cls(client=active.client, wait_for_workers_timeout=active.wait_for_workers_timeout,
+              **active.submit_kwargs)
+    new._scatter, new.data_futures = active._scatter, active.data_futures
+    return new
+
+
 def _run(jobs, n_jobs, verbose, total, desc, return_as="generator_unordered"):
     """``Parallel(return_as=...)`` over ``jobs``, one block per task (a retried task redoes one
     block), with a progress bar."""
     from .featurize import progress
 
-    it = Parallel(n_jobs=n_jobs, return_as=return_as, batch_size=1,
+    it = Parallel(n_jobs=n_jobs, backend=_backend(), return_as=return_as, batch_size=1,
                   verbose=10 if verbose > 1 else 0)(jobs)
     return progress(it, total, verbose, desc)
+
+
+def _block_job(fn, args, name, threads, catch):
+    """One job of :func:`run_blocks` in a worker: ``fn(*args)`` with the caller's torch thread
+    count, its warnings recorded (``catch``) to be re-emitted by the caller."""
+    try:
+        if not catch:
+            with torch_threads(threads):
+                return fn(*args), []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch_threads(threads):
+                out = fn(*args)
+        return out, [(w.category, str(w.message)) for w in caught]
+    except Exception as exc:  # noqa: BLE001 - re-raised with the block and worker named
+        raise BlockError(f"{name[:1].upper()}{name[1:]} failed on worker {writer_id()}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+_block_job.describe = lambda fn, args, name, *a: name
+
+
+def run_blocks(fn, args, names, *, n_jobs=None, verbose=0, desc="blocks", replay=True):
+    """``fn(*a)`` for each ``a`` in ``args``, one joblib job each, results yielded in job order.
+
+    For independent work of an estimator that is not a block of a feature store (solves over
+    blocks of targets, TracIn's checkpoints).  Run it only with more than one worker
+    (:func:`n_workers`); with one, call ``fn`` in this process.
+
+    Parameters
+    ----------
+    fn : callable
+        A module-level function (process and Dask workers import it).
+    args : list of tuple
+    names : list of str
+        What each job computes ("target rows 0:64"), for errors.
+    replay : bool, default=True
+        Re-emit here, in job order, the warnings each job raised (in a process or Dask worker
+        they would not reach the caller).  ``False``: yield ``(result, [(category, message),
+        ...])`` instead, for the caller to re-emit.
+
+    Raises
+    ------
+    BlockError
+        A job raised (named, with its worker), or its worker died on every try.
+    """
+    backend = get_active_backend()[0]
+    threads = bool(getattr(backend, "uses_threads", False))
+    nt = torch.get_num_threads()
+    # thread workers share this process: each job gets its own copy of its arguments (networks
+    # carry hooks, solvers keep state) and warnings pass through (catching them is not
+    # thread-safe); process workers receive copies anyway
+    jobs = [delayed(_block_job)(fn, copy.deepcopy(a) if threads else a, name, nt, not threads)
+            for a, name in zip(args, names)]
+    try:
+        for out, caught in _run(jobs, n_jobs, verbose, len(jobs), desc, return_as="generator"):
+            if not replay:
+                yield out, caught
+                continue
+            for category, message in caught:
+                warnings.warn(message, category, stacklevel=2)
+            yield out
+    except BlockError:
+        raise
+    except Exception as exc:
+        raise _stopped(exc, None, desc[:1].upper() + desc[1:]) from exc
 
 
 def _stopped(exc, store, what):
@@ -110,6 +263,10 @@ def _featurize_block(fz, Xs, ys, m, b, r0, r1, dim, store, threads):
             f"Featurising block {b} of model {m} (rows {r0}:{r1}) failed on worker "
             f"{writer_id()}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+_featurize_block.describe = lambda fz, Xs, ys, m, b, r0, r1, *a: (
+    f"the featurisation of block {b} of model {m} (rows {r0}:{r1})")
 
 
 def featurize_blocks(featurizer, X, y_enc, store, todo, *, dim, n_jobs=None, verbose=0,
@@ -155,11 +312,12 @@ def featurize_blocks(featurizer, X, y_enc, store, todo, *, dim, n_jobs=None, ver
             copy.deepcopy(fz(m)) if threads else fz(m), _shard(X, r0, r1), None if y_enc[m] is None else _shard(y_enc[m], r0, r1),
             m, b, r0, r1, dim, store if on_disk else None, torch.get_num_threads()))
     try:
-        # "list": with joblib 1.6's Dask backend a task retried after its worker died is only
-        # collected this way (the generators wait for it forever)
-        for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc, return_as="list"):
+        # blocks are written into the (preallocated) in-memory store as they arrive: at most
+        # the blocks in flight are held besides it
+        for m, b, F, q in _run(jobs, n_jobs, verbose, len(jobs), desc):
             if not on_disk:
                 store.write(m, b, F, q)
+            del F, q
     except BlockError as exc:
         if on_disk:
             left = len(store.missing(verify=False))
@@ -193,6 +351,9 @@ def _block_gram(features, m, b, dtype, acc, device, threads):
                          f"{writer_id()}: {type(exc).__name__}: {exc}") from exc
 
 
+_block_gram.describe = lambda features, m, b, *a: f"the Gram product of block {b} of model {m}"
+
+
 def block_gram(features, m, dtype, acc, device="cpu", n_jobs=None):
     """Upper triangle of ``Phi_m^T Phi_m`` (k, k) in ``acc``: per-block products in ``dtype``
     (each job reads only its block), added in block order whatever ``n_jobs``."""
@@ -206,20 +367,20 @@ def block_gram(features, m, dtype, acc, device="cpu", n_jobs=None):
             Ub = upper_gram(as_tensor(F, device, dtype).T, acc)
             U = Ub if U is None else U.add_(Ub)
         return U
-    parts = {}
+    parts, U, nxt = {}, None, 0
     try:
-        for b, Ub in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
-            delayed(_block_gram)(features, m, b, dtype, acc, "cpu", torch.get_num_threads())
-            for b in range(nb)
-        ):
+        jobs = [delayed(_block_gram)(features, m, b, dtype, acc, "cpu", torch.get_num_threads())
+                for b in range(nb)]
+        for b, Ub in _run(jobs, n_jobs, 0, nb, ""):
             parts[b] = Ub
+            while nxt in parts:  # added in block order (the same sum as one process) as soon
+                Ub = parts.pop(nxt).to(device)  # as the blocks before have arrived
+                U = Ub if U is None else U.add_(Ub)
+                nxt += 1
     except BlockError:
         raise
     except Exception as exc:
         raise _stopped(exc, None, "The Gram matrix") from exc
-    U = parts.pop(0).to(device)
-    for b in range(1, nb):  # block order: the same sum as one process
-        U.add_(parts.pop(b).to(device))
     return U
 
 
@@ -274,6 +435,9 @@ def _score_job(targets, features, b, blocks, scale, chunk, out, threads, first=0
     except Exception as exc:  # noqa: BLE001
         raise BlockError(f"Scoring training block {b} failed on worker {writer_id()}: "
                          f"{type(exc).__name__}: {exc}") from exc
+
+
+_score_job.describe = lambda targets, features, b, *a: f"the scores of training block {b}"
 
 
 def _score_jobs(targets, features, blist, scale, chunk, out):

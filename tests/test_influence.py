@@ -460,3 +460,85 @@ def test_cg_no_better_than_zero_is_an_error(data):
             assert cg.curvature_.history_[-1] >= 1.0
         else:
             assert cg.curvature_.history_[-1] < 1.0
+
+
+# ----------------------------------------------------------------------------- n_jobs
+def _record(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    # torch's own DeprecationWarnings at a fresh worker's first use are not the solver's
+    return out, [(w.category, str(w.message)) for w in caught if w.category is not DeprecationWarning]
+
+
+@pytest.mark.parametrize("solver, kw, backend", [
+    ("exact", dict(projection_dim=8), "threading"),
+    ("cg", dict(n_iter=2), "loky"),  # stops short: a ConvergenceWarning per batch
+    ("lissa", dict(n_iter=10, lissa_batch_size=5), "loky"),  # stochastic: seeded minibatches
+    ("ekfac", dict(), "threading"),
+])
+def test_n_jobs_equals_one_process(solver, kw, backend, trained, data):
+    """Solves spread over 2 workers (one job per gradient batch of 4 rows; loky processes for
+    CG, whose state and warnings come back from another process) equal those of one process
+    exactly: scores, self-influence, kernel, the solver's last history
+    and the warnings (re-emitted in batch order)."""
+    import joblib
+
+    Xtr, ytr, Xte, yte = data
+    Xtr, ytr = Xtr[:12], ytr[:12]  # 3 batches of HVPs per iteration
+    est = InfluenceFunction(trained, solver=solver, damping=0.5, batch_size=4, **kw)
+    runs = []
+    for n_jobs in (1, 2):
+        with joblib.parallel_config(backend=backend):
+            inf = clone(est).set_params(n_jobs=n_jobs).fit(Xtr, ytr)
+            S, wS = _record(lambda: inf.attribute(Xte, yte))
+            si, wsi = _record(inf.self_influence)
+            K, wK = _record(lambda: inf.kernel(Xte))
+        runs.append((S, si, K, wS + wsi + wK, getattr(inf.curvature_, "history_", None)))
+    (S1, si1, K1, w1, h1), (S2, si2, K2, w2, h2) = runs
+    np.testing.assert_array_equal(S2, S1)
+    np.testing.assert_array_equal(si2, si1)
+    np.testing.assert_array_equal(K2, K1)
+    assert h2 == h1 and w2 == w1
+    if solver == "cg":  # 6 target rows, 12 training rows: 2 + 3 + 2 batches, none converged
+        assert [c for c, _ in w1] == [ConvergenceWarning] * 7
+
+
+def test_n_jobs_names_the_failing_block(exact_fit, data, monkeypatch):
+    """A solve that fails in a worker is reported with its rows and the worker."""
+    import joblib
+
+    from skattr.hessian import ExactInverse
+    from skattr.parallel import BlockError
+
+    _, _, Xte, yte = data
+    inf = clone(exact_fit).set_params(batch_size=4, n_jobs=2)
+    orig = ExactInverse.solve
+
+    def solve(self, G, loss=None):
+        if G.shape[0] == 2:  # the last batch of the 6 targets
+            raise FloatingPointError("simulated failure")
+        return orig(self, G, loss)
+
+    with joblib.parallel_config(backend="threading"):
+        inf.fit(*data[:2])
+        monkeypatch.setattr(ExactInverse, "solve", solve)
+        with pytest.raises(BlockError, match=r"exact solve of rows 4:6 failed on worker \S+:\d+: "
+                                             r"FloatingPointError: simulated failure"):
+            inf.attribute(Xte, yte)
+
+
+def test_iterative_solves_refuse_threads(trained, data):
+    """Concurrent forward-mode HVPs in threads are not reliable in torch: under the threading
+    backend CG runs its blocks in this process, says so, and equals the one-process result."""
+    import joblib
+
+    Xtr, ytr, Xte, yte = data
+    inf = InfluenceFunction(trained, solver="cg", damping=0.5, batch_size=4, n_iter=2).fit(Xtr[:12], ytr[:12])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        S1 = inf.attribute(Xte, yte)
+        with joblib.parallel_config(backend="threading"):
+            with pytest.warns(UserWarning, match="one after another in this process.*not thread-safe"):
+                S2 = inf.set_params(n_jobs=2).attribute(Xte, yte)
+    np.testing.assert_array_equal(S2, S1)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
+from joblib.parallel import get_active_backend
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -44,11 +46,74 @@ from ..hessian import (
     record_chunks,
     top_eigenvalue,
 )
+from ..parallel import n_workers, run_blocks
 from .base import BaseAttributor
 
 __all__ = ["InfluenceFunction"]
 
 _DEFAULT_ITER = {"cg": 200, "lissa": 2000}
+_SOLVER_STATE = ("history_", "n_iter_", "indefinite_")  # what a solve leaves on the solver
+_INDEFINITE = "CG met negative curvature"
+
+
+class _Solves:
+    """What solving a block of rows needs, and nothing of the estimator's stored features (a
+    process or Dask worker receives it): the featuriser of the exact loss gradients, the
+    parameter space, the fitted solver and, for ``"cg"`` / ``"lissa"``, the training loss its
+    HVPs are of."""
+
+    def __init__(self, fz, space, curvature, loss, feature_dim, device, verbose=0, name=""):
+        self.fz, self.space, self.curvature, self.loss = fz, space, curvature, loss
+        self.feature_dim, self.device, self.verbose, self.name = feature_dim, device, verbose, name
+
+    def batches(self, X, y_enc):
+        """``(i0, i1, records, G)``: exact loss-gradient records and their flat gradients
+        ``G`` (rows, D), batch by batch."""
+        for i0, recs in self.fz.dense_batches(X, y_enc):
+            for c0, c1, rc in record_chunks(recs):
+                self.space.check(rc)
+                G = _grad.flatten(rc)[:, 0]
+                if not bool(torch.isfinite(G).all()):
+                    raise ValueError("The loss gradients contain NaN or infinity.")
+                yield i0 + c0, i0 + c1, rc, G
+
+    def rows(self, X, y_enc):
+        """``P (H + damping I)^{-1} grad l(x) / sqrt(k)`` (or unprojected), float64 (t, k)."""
+        proj = self.fz.projector()
+        out = torch.empty(int(X.shape[0]), self.feature_dim, dtype=torch.float64, device=self.device)
+        batches = self.batches(X, y_enc)
+        for i0, i1, rc, G in progress(batches, None, self.verbose, f"{self.name}: solving"):
+            Y = self.curvature.solve(G, self.loss)
+            if proj is None:
+                out[i0:i1] = Y.to(torch.float64)
+            else:
+                o = torch.zeros(i1 - i0, proj.k, dtype=proj.dtype, device=proj.device)
+                project_like(proj, rc, self.space, Y.to(proj.dtype), o)
+                out[i0:i1] = o.to(torch.float64) / math.sqrt(proj.k)
+        return out
+
+    def solved(self, X, y_enc):
+        """``((H + damping I)^{-1} G, G)``, both float64 (t, D), for the kernel."""
+        A, GX = [], []
+        for _, _, _, G in self.batches(X, y_enc):
+            A.append(self.curvature.solve(G, self.loss).to(torch.float64))
+            GX.append(G.to(torch.float64))
+        return torch.cat(A), torch.cat(GX)
+
+    def quad(self, X, y_enc):
+        """``G^T (H + damping I)^{-1} G`` per row, float64 (t,)."""
+        out = torch.empty(int(X.shape[0]), dtype=torch.float64, device=self.device)
+        for i0, i1, _, G in self.batches(X, y_enc):
+            out[i0:i1] = self.curvature.quad(G, self.loss)
+        return out
+
+
+def _solve_block(solves, what, X, y_enc):
+    """One block of rows in a worker: the result of ``solves.<what>`` and the state the solve
+    left on the solver (merged by the caller)."""
+    out = getattr(solves, what)(X, y_enc)
+    state = {k: getattr(solves.curvature, k) for k in _SOLVER_STATE if hasattr(solves.curvature, k)}
+    return out, state
 
 
 class InfluenceFunction(BaseAttributor):
@@ -105,6 +170,16 @@ class InfluenceFunction(BaseAttributor):
         As for :class:`~skattr.estimators.TRAK`: an on-disk feature store (resumable), store
         block size, gradient engine, gradient batch size, seeds (projection, LiSSA's
         minibatches), progress bars.
+    n_jobs : int or None, default=None
+        joblib workers (``None``: the active ``joblib.parallel_config``'s, one by default) for
+        the featurisation of the training set by blocks, blockwise scoring (``out=``,
+        ``top_k``) and the solves: one job per gradient batch (``batch_size`` rows) of the
+        targets of :meth:`attribute` / :meth:`kernel` and of the training set in
+        :meth:`self_influence`.  Every batch is solved as in one process (LiSSA's minibatches
+        are drawn from the generator seeded by ``random_state`` afresh for each batch, so they
+        do not depend on which worker runs it); the results do not depend on ``n_jobs`` or
+        the backend.  The solver's ``history_`` and ``n_iter_`` are those of the last batch,
+        as in one process; its warnings are re-emitted here in batch order.
 
     Attributes
     ----------
@@ -152,6 +227,7 @@ class InfluenceFunction(BaseAttributor):
         "lissa_scale": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "lissa_batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "fisher": [StrOptions({"ggn", "empirical"})],
+        "n_jobs": [numbers.Integral, None],
     }
 
     def __init__(
@@ -172,6 +248,7 @@ class InfluenceFunction(BaseAttributor):
         method="auto",
         batch_size=None,
         random_state=0,
+        n_jobs=None,
         verbose=0,
     ):
         self.model = model
@@ -189,6 +266,7 @@ class InfluenceFunction(BaseAttributor):
         self.method = method
         self.batch_size = batch_size
         self.random_state = random_state
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
@@ -256,38 +334,61 @@ class InfluenceFunction(BaseAttributor):
         return self.curvature_.scale
 
     # ------------------------------------------------------------------ preconditioned targets
+    def _solves(self, j=0):
+        loss = self._training_loss() if self.solver in ("cg", "lissa") else None
+        return _Solves(self._featurizer(j), self.space_, self.curvature_, loss, self.feature_dim_,
+                       self._device, self.verbose, self._name())
+
+    def _blockwise(self, what, X, y_enc, j=0, desc="solving"):
+        """``solves.<what>`` over ``X``: in this process with one worker (:func:`n_workers`),
+        else one joblib job per gradient batch of ``X`` (:func:`skattr.parallel.run_blocks`),
+        the blocks' results in order, the solver's state and warnings merged here."""
+        solves = self._solves(j)
+        if n_workers(self.n_jobs) == 1:
+            return [getattr(solves, what)(X, y_enc)]
+        if solves.loss is not None and getattr(get_active_backend()[0], "uses_threads", False):
+            warnings.warn(
+                f"{self._name()}: the {self.solver} solves run one after another in this process "
+                "under a thread-based joblib backend: their Hessian-vector products use torch's "
+                "forward-mode AD, which is not thread-safe (concurrent solves in threads return "
+                "wrong results). Use process workers (loky, Dask) for parallel solves.",
+                UserWarning, stacklevel=3,
+            )
+            return [getattr(solves, what)(X, y_enc)]
+        from ..parallel import _shard
+
+        bs, n = solves.fz.batch_size, int(X.shape[0])
+        spans = [(i0, min(n, i0 + bs)) for i0 in range(0, n, bs)]
+        args = [(solves, what, _shard(X, i0, i1), None if y_enc is None else _shard(y_enc, i0, i1))
+                for i0, i1 in spans]
+        rows = "training rows" if what == "quad" else "rows"
+        names = [f"the {self.solver} solve of {rows} {i0}:{i1}" for i0, i1 in spans]
+        curv, outs = self.curvature_, []
+        for out, caught in run_blocks(_solve_block, args, names, n_jobs=self.n_jobs,
+                                      verbose=self.verbose, desc=f"{self._name()}: {desc}",
+                                      replay=False):
+            res, state = out
+            was_indefinite = getattr(curv, "indefinite_", False)
+            for category, message in caught:
+                if message.startswith(_INDEFINITE) and was_indefinite:
+                    continue  # warned once per solver, as in one process
+                warnings.warn(message, category, stacklevel=3)
+            for k, v in state.items():
+                setattr(curv, k, (v or was_indefinite) if k == "indefinite_" else v)
+            outs.append(res)
+        return outs
+
     def _gradient_batches(self, X, y_enc):
         """``(i0, i1, records, G)``: exact loss-gradient records and their flat gradients
         ``G`` (rows, D), batch by batch."""
-        fz = self._featurizer(0)
-        for i0, recs in fz.dense_batches(X, y_enc):
-            for c0, c1, rc in record_chunks(recs):
-                self.space_.check(rc)
-                G = _grad.flatten(rc)[:, 0]
-                if not bool(torch.isfinite(G).all()):
-                    raise ValueError("The loss gradients contain NaN or infinity.")
-                yield i0 + c0, i0 + c1, rc, G
+        return self._solves().batches(X, y_enc)
 
     def _preconditioned_rows(self, j, X, y_enc, raw=None):
         """``P (H + damping I)^{-1} grad l(x) / sqrt(k)`` (or unprojected), float64 (t, k).
 
         ``raw`` (the projected features of ``X``, when the caller has them) is not used: the
         solver needs the exact gradients."""
-        t = int(X.shape[0])
-        fz = self._featurizer(j)
-        proj = fz.projector()
-        out = torch.empty(t, self.feature_dim_, dtype=torch.float64, device=self._device)
-        loss = self._training_loss() if self.solver in ("cg", "lissa") else None
-        batches = self._gradient_batches(X, y_enc)
-        for i0, i1, rc, G in progress(batches, None, self.verbose, f"{self._name()}: solving"):
-            Y = self.curvature_.solve(G, loss)
-            if proj is None:
-                out[i0:i1] = Y.to(torch.float64)
-            else:
-                o = torch.zeros(i1 - i0, proj.k, dtype=proj.dtype, device=proj.device)
-                project_like(proj, rc, self.space_, Y.to(proj.dtype), o)
-                out[i0:i1] = o.to(torch.float64) / math.sqrt(proj.k)
-        return out
+        return torch.cat(self._blockwise("rows", X, y_enc, j))
 
     def _target_rows(self, j, X, y_enc):
         return self._preconditioned_rows(j, X, y_enc).cpu().numpy()
@@ -303,15 +404,11 @@ class InfluenceFunction(BaseAttributor):
         X = self._check_X(X)
         same = Y is None
         Y = X if same else self._check_X(Y)
-        loss = self._training_loss() if self.solver in ("cg", "lissa") else None
         yX = self._labels(self.models_, X, None)[0]
-        A, GX = [], []
-        for _, _, _, G in self._gradient_batches(X, yX):
-            A.append(self.curvature_.solve(G, loss).to(torch.float64))
-            GX.append(G.to(torch.float64))
-        A = torch.cat(A)
+        parts = self._blockwise("solved", X, yX)
+        A = torch.cat([a for a, _ in parts])
         if same:
-            B = torch.cat(GX)
+            B = torch.cat([g for _, g in parts])
         else:
             yY = self._labels(self.models_, Y, None)[0]
             B = torch.cat([G.to(torch.float64) for _, _, _, G in self._gradient_batches(Y, yY)])
@@ -328,8 +425,5 @@ class InfluenceFunction(BaseAttributor):
         """
         check_is_fitted(self, "curvature_")
         X, y = self._train
-        out = torch.empty(self.n_train_, dtype=torch.float64, device=self._device)
-        loss = self._training_loss() if self.solver in ("cg", "lissa") else None
-        for i0, i1, _, G in self._gradient_batches(X, y):
-            out[i0:i1] = self.curvature_.quad(G, loss)
+        out = torch.cat(self._blockwise("quad", X, y, desc="self-influence"))
         return out.cpu().numpy()
