@@ -43,6 +43,7 @@ __all__ = [
     "records_shape",
     "flatten",
     "structured_support",
+    "n_parameters",
     "DeferredRecords",
     "ENGINES",
 ]
@@ -234,6 +235,12 @@ def _recurrent(module):
         if isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):
             return _label(mname), type(mod).__name__
     return None
+
+
+def n_parameters(module, prefixes=None):
+    """The number of parameters the per-example gradients cover (the width of
+    :func:`flatten`): the trainable ones selected by ``prefixes``, a tied Parameter once."""
+    return int(sum(p.numel() for _, p in _unique_selected(module, prefixes)))
 
 
 def structured_support(module, prefixes=None):

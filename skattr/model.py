@@ -16,9 +16,10 @@ from sklearn.utils import ClassifierTags, RegressorTags
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
+from . import _memory
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
-from .featurize import featurize_batches
+from .featurize import featurize_batches, write_flat
 from .outputs import task_loss
 from .projection import Projector
 from .training import copy_callbacks, train_module
@@ -513,6 +514,11 @@ class TorchModel(BaseEstimator):
         ``output`` is "logits" (one gradient per class), "sum_logits", "loss", "margin" (TRAK's
         classification margin) or a callable ``(logits, y) -> (n,) or (n, m)``.
         """
+        net, Xt, yt = self._gradient_setup(X, output, y)
+        yield from self._record_batches(net, Xt, yt, output, method, batch_size)
+
+    def _gradient_setup(self, X, output, y):
+        """``(network, X as a tensor, encoded targets or None)`` for gradients of ``output``."""
         net, Xt = self.prepare(X)
         self._check_trainable(net)
         if isinstance(output, str) and output not in _grad.OUTPUTS:
@@ -524,10 +530,15 @@ class TorchModel(BaseEstimator):
             raise ValueError("Gradients of the loss of a regression model need the targets y.")
         elif output in ("loss", "margin") and self.task == "classification":
             yt = self.logits(Xt).argmax(1) if self.n_outputs_ > 1 else (self.logits(Xt)[:, 0] > 0).long()
+        return net, Xt, yt
+
+    def _record_batches(self, net, Xt, yt, output, method, batch_size, **plan):
+        # plan: reserved= and projector=, counted against the memory budget
         for i, xb in self._batches(Xt, batch_size):
             yb = None if yt is None else yt[i : i + len(xb)]
             yield i, _grad.compute_records(
-                net, xb, output=output, y=yb, loss=self.loss_fn, prefixes=self.prefixes_, method=method
+                net, xb, output=output, y=yb, loss=self.loss_fn, prefixes=self.prefixes_,
+                method=method, **plan,
             )
 
     def per_example_gradients(
@@ -539,19 +550,49 @@ class TorchModel(BaseEstimator):
         With ``projection_dim=k`` the gradients are projected by a seeded, nested random projection
         (see :mod:`skattr.projection`) to (n, k) (or (n, m, k)), scaled so that inner products are
         unbiased.  Parameters are ordered as in ``module.named_parameters()``.
+
+        The result is allocated once and filled batch by batch; it counts against the memory
+        budget (``$SKATTR_MEMORY_BUDGET``, :mod:`skattr._memory`) with the gradient engine's
+        working memory.  When the result alone exceeds the budget, a ``UserWarning`` says so and
+        the budget bounds the working memory only.
         """
-        batches = ((i0, i0 + _grad.records_shape(recs)[0], recs) for i0, recs in
-                   self.gradient_records(X, output=output, y=y, method=method, batch_size=batch_size))
-        if projection_dim is None:
-            G = torch.cat([_grad.flatten(recs) for _, _, recs in batches])
-        else:
+        net, Xt, yt = self._gradient_setup(X, output, y)
+        n = Xt.shape[0]
+        with torch.no_grad():  # the number of outputs differentiated, from one example
+            z = net(Xt[:1])
+            y1 = yt[:1] if yt is not None else torch.zeros(1, dtype=torch.long, device=z.device)
+            m = _grad.output_values(output, z[:, None] if z.ndim == 1 else z, y1, self.loss_fn).shape[1]
+        proj = None
+        if projection_dim is not None:
             proj = Projector(
                 projection, projection_dim, seed_from_random_state(random_state),
                 device=self.device_, dtype=self.torch_dtype_,
             )
-            # one output buffer, projected into batch by batch
-            G = featurize_batches(batches, proj, n=len(X)).mul_(1.0 / math.sqrt(proj.k))
-        G = G.cpu().numpy()
+        k = _grad.n_parameters(net, self.prefixes_) if proj is None else proj.k
+        out = torch.empty(n, m, k, dtype=self.torch_dtype_, device=self.device_)
+        budget, reserved = _memory.memory_budget(), out.nbytes
+        if reserved > _memory.usable(budget):
+            # as for a featuriser's output rows (gradients.compute_records): said, not refused
+            warnings.warn(
+                f"The per-example gradients returned ({n} x {m} x {k} values, "
+                f"{reserved / 2**20:.1f} MiB) do not fit the memory budget "
+                f"({budget / 2**20:.1f} MiB); the budget bounds the working memory only. Raise "
+                f"it ({_memory.ENV_VAR}) to bound both, or pass projection_dim (or fewer "
+                f"examples at a time).", UserWarning, stacklevel=2)
+            reserved = 0
+        batches = self._record_batches(net, Xt, yt, output, method, batch_size,
+                                       reserved=reserved, projector=proj)
+        # each batch's records (chunk by chunk where deferred) written into the one output
+        chunks = ((i0 + c0, i0 + c1, r) for i0, recs in batches
+                  for c0, c1, r in (recs.chunks() if isinstance(recs, _grad.DeferredRecords)
+                                    else [(0, _grad.records_shape(recs)[0], recs)]))
+        if proj is not None:
+            featurize_batches(chunks, proj, out).mul_(1.0 / math.sqrt(proj.k))
+        else:
+            for i0, i1, recs in chunks:
+                for j in range(m):  # output by output: no (rows, m, p) temporary
+                    write_flat(_output_records(recs, j), out[i0:i1, j])
+        G = out.cpu().numpy()
         return G[:, 0] if G.shape[1] == 1 else G
 
     def fingerprint(self):
@@ -667,6 +708,13 @@ def _token_ids(X, name_emb, emb, *, name="X"):
     if tensor:
         return X if X.dtype in (torch.int64, torch.int32) else X.to(torch.int64)
     return X if X.dtype in (np.int64, np.int32) else X.astype(np.int64)
+
+
+def _output_records(records, j):
+    """The records of output ``j`` alone (views)."""
+    return [_grad.KronRecord(r.key, r.x, r.d[:, :, j : j + 1], bias=r.bias)
+            if isinstance(r, _grad.KronRecord) else _grad.DenseRecord(r.key, r.g[:, j : j + 1])
+            for r in records]
 
 
 def _has_lazy(module):

@@ -217,3 +217,73 @@ def test_an_output_larger_than_the_budget_is_said_not_refused():
         G.compute_records(net, X, budget=budget, info=info,
                           reserved=3 * info["bytes_per_example"])
     assert info["chunk_size"] == 1
+
+
+_CHILD_PEG = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from torch import nn
+    from skattr import TorchModel
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
+                        nn.Linear(64, 10)).eval()
+    n = int(sys.argv[1])
+    X = np.random.RandomState(0).rand(n, 32).astype(np.float32)
+    y = np.arange(n) % 10
+    model = TorchModel(net)
+    model.per_example_gradients(X[:4], y[:4])
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS")
+    G = model.per_example_gradients(X, y)
+    print(json.dumps({"growth": status("VmHWM") - base, "out": G.nbytes}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_per_example_gradients_peak_rss_within_the_budget():
+    """TorchModel.per_example_gradients counts its result against the budget: a child's peak
+    RSS growth for 600 loss gradients (31.5 MB) stays under a 48 MiB budget (before: the batches'
+    flattened gradients and their concatenation, 72 MB, 2.3 times the result), and is at
+    least the result (the measurement sees it)."""
+    budget = 48 * 2**20
+    env = dict(os.environ, SKATTR_MEMORY_BUDGET=str(budget), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _CHILD_PEG, "600"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["out"] <= res["growth"] <= budget, res
+
+
+def test_per_example_gradients_larger_than_the_budget_are_said():
+    """A result larger than the budget on its own: a warning naming both sizes, and the same
+    gradients as one autograd call per example (and as with a budget that holds them)."""
+    from skattr import TorchModel
+
+    net, shape = _net("mlp")
+    net = net.double()
+    X = torch.randn(12, *shape, dtype=torch.float64)
+    y = torch.arange(12) % 3
+    params = list(net.parameters())
+    ref = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        nn.functional.cross_entropy(net(X[i : i + 1]), y[i : i + 1]), params)])
+        for i in range(12)]).numpy()
+    model = TorchModel(net, dtype="float64", batch_size_eval=4)
+    out_bytes = ref.nbytes  # 12 x 579 float64: 55.6 KB
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_memory.ENV_VAR, str(out_bytes // 2))
+        with pytest.warns(UserWarning, match=r"per-example gradients returned \(12 x 1 x 579 "
+                                             r"values.*do not fit the memory budget"):
+            small = model.per_example_gradients(X, y.numpy())
+        mp.setenv(_memory.ENV_VAR, "1GiB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            large = model.per_example_gradients(X, y.numpy())
+    torch.testing.assert_close(torch.as_tensor(small), torch.as_tensor(ref), rtol=1e-12, atol=1e-14)
+    assert (small == large).all()  # the budget changes the chunks, not the values
