@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import threading
 import warnings
 import weakref
 
@@ -650,9 +651,11 @@ def _embedding_taking_input(net, x1, float_dtype):
     if xt.numel() == 0:
         return None
     names = {id(m): n for n, m in net.named_modules()}
-    found = []
+    found, me = [], threading.get_ident()
 
     def hook(mod, args):
+        if threading.get_ident() != me:  # another thread running the network meanwhile
+            return
         a = args[0] if args else None
         if (isinstance(a, torch.Tensor) and a.numel() == xt.numel()
                 and a.data_ptr() == xt.data_ptr()):
