@@ -32,9 +32,9 @@ from .progress import ensure
 __all__ = ["hydra_report", "SIZES", "n_steps"]
 
 #: training / test points, label noise, MLP width, epochs, projection size.  The epochs are
-#: enough for the network to fit its clean training labels (benchmarks/README.md, "Loss kernel
-#: on an under-trained network"): with tiny at 15 and quick at 8 epochs it predicted 27 % and
-#: 45 % of its training set, and the loss kernel's variance ranked the flips at chance.
+#: enough for the network to fit its unflipped training labels: with fewer, every score but
+#: TRAK-1's ranks the flips near chance (benchmarks/README.md, "Loss-kernel variance and the
+#: network's fit").
 SIZES = {
     "tiny": dict(n_train=150, n_test=100, noise=0.1, width=32, epochs=45, k=128),
     "quick": dict(n_train=400, n_test=200, noise=0.1, width=64, epochs=24, k=256),
