@@ -477,7 +477,7 @@ def _record(fn):
     ("lissa", dict(n_iter=10, lissa_batch_size=5), "loky"),  # stochastic: seeded minibatches
     ("ekfac", dict(), "threading"),
 ])
-def test_n_jobs_equals_one_process(solver, kw, backend, trained, data):
+def test_n_jobs_equals_one_process(solver, kw, backend, trained, data, monkeypatch):
     """Solves spread over 2 workers (one job per gradient batch of 4 rows; loky processes for
     CG, whose state and warnings come back from another process) equal those of one process
     exactly: scores, self-influence, kernel, the solver's last history
@@ -496,6 +496,17 @@ def test_n_jobs_equals_one_process(solver, kw, backend, trained, data):
             K, wK = _record(lambda: inf.kernel(Xte))
         runs.append((S, si, K, wS + wsi + wK, getattr(inf.curvature_, "history_", None)))
     (S1, si1, K1, w1, h1), (S2, si2, K2, w2, h2) = runs
+    if backend == "threading":  # the batches ran as jobs in worker threads: counted
+        import threading
+
+        import skattr.estimators.influence as inf_mod
+
+        ran, f = [], inf_mod._solve_block
+        monkeypatch.setattr(inf_mod, "_solve_block",
+                            lambda *a: ran.append(threading.get_ident()) or f(*a))
+        with joblib.parallel_config(backend=backend):
+            np.testing.assert_array_equal(inf.attribute(Xte, yte), S1)
+        assert len(ran) == 2 and threading.get_ident() not in ran
     np.testing.assert_array_equal(S2, S1)
     np.testing.assert_array_equal(si2, si1)
     np.testing.assert_array_equal(K2, K1)

@@ -212,3 +212,42 @@ def test_nan_checkpoint_is_an_error_not_nan_scores(digits, fitted, kw):
     ck = [pairs[0], (sd, pairs[1][1])]
     with pytest.raises(FloatingPointError, match=r"checkpoints\[1\] has NaN"):
         TracIn(fitted, checkpoints=ck, **kw).fit(X[:50], y[:50])
+
+
+def test_n_jobs_equals_one_process(digits, fitted, monkeypatch):
+    """One job per checkpoint on 2 loky processes (exact scores from the layers' records: the
+    training records at fit, each checkpoint's term of attribute and kernel), and 2 threads
+    featurising blocks of projected features: equal to one process bit for bit; the
+    checkpoints' jobs run in workers (threads, counted)."""
+    import threading
+
+    import joblib
+
+    import skattr.estimators.tracin as tracin_mod
+
+    X, y = digits
+    Xtr, ytr, Xt, yt = X[:150], y[:150], X[150:160], y[150:160]
+    ref = TracIn(fitted, n_jobs=1).fit(Xtr, ytr)
+    with joblib.parallel_config(backend="loky"):
+        par = TracIn(fitted, n_jobs=2).fit(Xtr, ytr)
+        S, K = par.attribute(Xt, yt), par.kernel(Xt, Xtr[:20])
+    assert par.scoring_ == "records" and len(par.models_) == 3
+    np.testing.assert_array_equal(S, ref.attribute(Xt, yt))
+    np.testing.assert_array_equal(K, ref.kernel(Xt, Xtr[:20]))
+    np.testing.assert_array_equal(par.self_influence(), ref.self_influence())
+    ran = []
+    for name in ("_records", "_checkpoint_gram"):
+        f = getattr(tracin_mod, name)
+        monkeypatch.setattr(tracin_mod, name, lambda *a, f=f, name=name: ran.append(
+            (name, threading.get_ident())) or f(*a))
+    with joblib.parallel_config(backend="threading", n_jobs=2):
+        np.testing.assert_array_equal(TracIn(fitted).fit(Xtr, ytr).attribute(Xt, yt), S)
+    # fit: the training records of 3 checkpoints; attribute: 3 terms, each with its targets' records
+    assert sorted(n for n, _ in ran) == ["_checkpoint_gram"] * 3 + ["_records"] * 6
+    assert threading.get_ident() not in {t for _, t in ran}
+    kw = dict(projection_dim=32, block_size=40)
+    ref = TracIn(fitted, **kw, n_jobs=1).fit(Xtr, ytr)
+    with joblib.parallel_config(backend="threading"):
+        par = TracIn(fitted, **kw, n_jobs=2).fit(Xtr, ytr)
+        np.testing.assert_array_equal(par.attribute(Xt, yt), ref.attribute(Xt, yt))
+        np.testing.assert_array_equal(par.top_k(Xt, yt, k=5).proponents, ref.top_k(Xt, yt, k=5).proponents)

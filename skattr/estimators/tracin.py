@@ -29,11 +29,40 @@ from .._checks import nonfinite_parameters
 from .._validation import check_memory
 from ..ensemble import load_member
 from ..featurize import progress
+from ..parallel import n_workers, run_blocks
 from ..preconditioners import Identity
 from ..training import TrajectoryRecorder
 from .base import BaseAttributor
 
 __all__ = ["TracIn"]
+
+
+def _records(fz, X, y_enc):
+    """``[(b0, b1, records)]``: the gradient records of ``X`` under a featuriser's model,
+    batch by batch."""
+    Xt = fz.model.to_tensor(X)
+    out = []
+    for b0 in range(0, Xt.shape[0], fz.batch_size):
+        b1 = min(Xt.shape[0], b0 + fz.batch_size)
+        out.append((b0, b1, fz.records(Xt[b0:b1], None if y_enc is None else y_enc[b0:b1])))
+    return out
+
+
+def _add_gram(K, w, fz, X, y_enc, train):
+    """``K += w G(X) G(train)^T`` from records, batch block by batch block (float64)."""
+    for c0, c1, rx in _records(fz, X, y_enc):
+        for b0, b1, rb in train:
+            K[c0:c1, b0:b1] += w * _grad.gram(rx, rb).to(torch.float64)
+    return K
+
+
+def _checkpoint_gram(fz, w, X, y_enc, train, Y=None, y_Y=None):
+    """One checkpoint's term ``w G(X) G(train)^T`` (t, n) in a worker; ``train=None``: the
+    records of ``(Y, y_Y)``, computed here."""
+    if train is None:
+        train = _records(fz, Y, y_Y)
+    K = torch.zeros(X.shape[0], train[-1][1], dtype=torch.float64, device=fz.model.device_)
+    return _add_gram(K, w, fz, X, y_enc, train)
 
 
 class TracIn(BaseAttributor):
@@ -65,9 +94,13 @@ class TracIn(BaseAttributor):
         As for :class:`~skattr.estimators.TRAK`: an on-disk feature store (resumable), store
         block size, gradient engine, gradient batch size, the projection's seed, progress bars.
     n_jobs : int or None, default=None
-        joblib workers featurising (checkpoint, block of ``block_size`` examples) pairs and
-        scoring blocks, as for :class:`~skattr.estimators.TRAK` (with ``projection_dim`` or
-        ``store``; exact scores from layer factors run in this process).  The results do not
+        joblib workers (``None``: the active ``joblib.parallel_config``'s, one by default).
+        With ``projection_dim`` or ``store``: featurising (checkpoint, block of ``block_size``
+        examples) pairs and scoring blocks, as for :class:`~skattr.estimators.TRAK`.  With
+        exact scores from layer factors (``scoring_="records"``): one job per checkpoint for
+        the training records at :meth:`fit` and for each checkpoint's term of
+        :meth:`attribute` and :meth:`kernel`, the terms added in checkpoint order
+        (``self_influence`` reads the kept records in this process).  The results do not
         depend on it.
 
     Attributes
@@ -240,9 +273,15 @@ class TracIn(BaseAttributor):
         M, n = len(self.models_), self.n_train_
         self.feature_dim_ = self._featurizer(0).dim(X, y_enc[0])
         self._report_engine(self._featurizer(0), X, y_enc[0])
-        self._train_records = []
-        for j in progress(range(M), M, self.verbose, "TracIn: gradient records"):
-            self._train_records.append(self._record_blocks(j, X, y_enc[j]))
+        if n_workers(self.n_jobs) == 1:
+            self._train_records = [
+                self._record_blocks(j, X, y_enc[j])
+                for j in progress(range(M), M, self.verbose, "TracIn: gradient records")]
+        else:  # one job per checkpoint
+            args = [(self._featurizer(j), X, y_enc[j]) for j in range(M)]
+            self._train_records = list(run_blocks(
+                _records, args, [f"the gradient records of checkpoint {j}" for j in range(M)],
+                n_jobs=self.n_jobs, verbose=self.verbose, desc="TracIn: gradient records"))
         nbytes = sum(r.nbytes() for recs in self._train_records for _, _, rs in recs for r in rs)
         check_memory(nbytes, f"TracIn's gradient records of {n} examples x {M} checkpoints",
                      hint="Use projection_dim=k (and store='dir' for large sets).")
@@ -254,26 +293,26 @@ class TracIn(BaseAttributor):
         self.weights_ = np.asarray(self._model_weights(), dtype=np.float64)
 
     def _record_blocks(self, j, X, y_enc):
-        fz = self._featurizer(j)
-        Xt = self.models_[j].to_tensor(X)
-        out = []
-        for b0 in range(0, Xt.shape[0], fz.batch_size):
-            b1 = min(Xt.shape[0], b0 + fz.batch_size)
-            out.append((b0, b1, fz.records(Xt[b0:b1], None if y_enc is None else y_enc[b0:b1])))
-        return out
+        return _records(self._featurizer(j), X, y_enc)
 
-    def _record_gram(self, X, y_enc, train=None):
-        """``sum_j w_j G_j(X) G_j(train)^T`` from records ((t, n) float64 tensor)."""
-        t = X.shape[0]
-        K = None
-        for j in range(len(self.models_)):
-            blocks = self._train_records[j] if train is None else train[j]
-            n = blocks[-1][1]
-            if K is None:
-                K = torch.zeros(t, n, dtype=torch.float64, device=self._device)
-            for c0, c1, rx in self._record_blocks(j, X, y_enc[j]):
-                for b0, b1, rb in blocks:
-                    K[c0:c1, b0:b1] += float(self.weights_[j]) * _grad.gram(rx, rb).to(torch.float64)
+    def _record_gram(self, X, y_enc, Y=None, yY=None):
+        """``sum_j w_j G_j(X) G_j(train)^T`` from records ((t, n) float64 tensor); ``train``:
+        the kept training records, or those of ``(Y, yY)``.  With more than one worker one job
+        per checkpoint, the terms added in checkpoint order (the same sums as one process)."""
+        M = len(self.models_)
+        n = self.n_train_ if Y is None else int(Y.shape[0])
+        K = torch.zeros(X.shape[0], n, dtype=torch.float64, device=self._device)
+        if n_workers(self.n_jobs) == 1:
+            for j in range(M):
+                train = self._train_records[j] if Y is None else self._record_blocks(j, Y, yY[j])
+                _add_gram(K, float(self.weights_[j]), self._featurizer(j), X, y_enc[j], train)
+            return K
+        args = [(self._featurizer(j), float(self.weights_[j]), X, y_enc[j],
+                 self._train_records[j] if Y is None else None,
+                 None if Y is None else Y, None if Y is None else yY[j]) for j in range(M)]
+        for Kj in run_blocks(_checkpoint_gram, args, [f"the scores of checkpoint {j}" for j in range(M)],
+                             n_jobs=self.n_jobs, verbose=self.verbose, desc="TracIn: scoring"):
+            K += Kj.to(K.device)
         return K
 
     def attribute(self, X, y=None):
@@ -305,8 +344,7 @@ class TracIn(BaseAttributor):
         Y = X if same else self._check_X(Y)
         yX = self._labels(self.models_, X, None)
         yY = yX if same else self._labels(self.models_, Y, None)
-        train = [self._record_blocks(j, Y, yY[j]) for j in range(len(self.models_))]
-        K = self._record_gram(X, yX, train)
+        K = self._record_gram(X, yX, Y, yY)
         if same:
             K = 0.5 * (K + K.T)
         return K.cpu().numpy()
