@@ -63,9 +63,15 @@ class LayerCapture:
 
     Examples
     --------
-    >>> cap = LayerCapture({"fc": net.fc}).install()     # doctest: +SKIP
-    >>> cap.begin(); loss(net(x)).backward(); calls = cap.end()
-    >>> calls["fc"][0].input, calls["fc"][0].grad
+    >>> import torch
+    >>> fc = torch.nn.Linear(3, 2)
+    >>> cap = LayerCapture({"fc": fc}).install()
+    >>> cap.begin()
+    >>> fc(torch.ones(4, 3)).sum().backward()
+    >>> (call,) = cap.end()["fc"]
+    >>> call.input.shape, call.grad.shape
+    (torch.Size([4, 3]), torch.Size([4, 2]))
+    >>> cap.remove()
     """
 
     def __init__(self, modules, *, clone_output=False):
