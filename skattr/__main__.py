@@ -3,7 +3,8 @@
 Sections (``--sections``): ``ntk`` (approximate eNTK kernels and kernel-machine surrogates),
 ``trak`` (TRAK, LDS, concept attribution), ``attribution`` (TRAK, TracIn, HYDRA, influence
 functions and Grad-Cos compared: LDS and surrogate fidelity), ``loss`` (the loss kernel),
-``hydra`` (noisy-label detection: HYDRA, TracIn, influence functions) and ``representation``
+``hydra`` (noisy-label detection: HYDRA, TracIn, influence functions, TRAK-1, the
+loss-kernel variance and the per-example loss) and ``representation``
 (representation tracing).  Writes ``report.html`` (self-contained), ``report.md``,
 ``results.csv``, ``summary.json`` and the PNG plots to ``--out``.
 """
