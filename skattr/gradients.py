@@ -569,10 +569,12 @@ _PROBES = weakref.WeakKeyDictionary()
 
 
 def _probe(module, x, output, y, loss, prefixes, engine, specs=None):
-    """``(per, fixed, m, kept, groups)`` of ``engine`` on this network and input shape
+    """``(per, fixed, m, kept, groups, formed)`` of ``engine`` on this network and input shape
     (cached): bytes per example of a chunk (its records and working memory), fixed bytes, the
-    number of outputs, the bytes per example of the records alone (what a caller keeps), and
-    the records' parameter groups ``[(key, d_out, d_in, factored)]`` (for a projector's rows).
+    number of outputs, the bytes per example of the records alone (what a caller keeps), the
+    records' parameter groups ``[(key, d_out, d_in, factored)]`` (for a projector's rows), and
+    ``[(d_out * d_in, factored)]`` of the structured engine's factored records (what a
+    projection that forms their gradient holds, see :func:`_formed_bytes`).
 
     The structured engine is run on one example and its records measured (with the formed
     gradients a kernel keeps for Conv layers); the other engines' records are ``m`` gradients
@@ -625,6 +627,8 @@ def _probe(module, x, output, y, loss, prefixes, engine, specs=None):
         per, fixed = kept + isz * (3 * A + (m + 1) * hooked[0]), 0
         groups = [(r.key, r.d.shape[-1], r.d_in, not _dense_cheaper(r))
                   if isinstance(r, KronRecord) else (r.key, 1, r.n_params, False) for r in recs]
+        formed = [(r.n_params, not _dense_cheaper(r)) for r in recs
+                  if isinstance(r, KronRecord) and r.L == 1]
     elif engine == "vmap":
         # jacrev vmaps the backward over the m outputs: m copies of the activations'
         # gradients next to the saved forward; the Jacobian rows are the records
@@ -635,8 +639,18 @@ def _probe(module, x, output, y, loss, prefixes, engine, specs=None):
         per, fixed = kept, isz * (3 * A + 3 * P)
     if engine != "structured":
         groups = [(k, 1, p.numel(), False) for k, p in _unique_selected(module, prefixes)]
-    cache[key] = (int(per), int(fixed), int(m), int(kept), groups)
+        formed = []
+    cache[key] = (int(per), int(fixed), int(m), int(kept), groups, formed)
     return cache[key]
+
+
+def _formed_bytes(formed, projector, m):
+    """Bytes per example a projection holds while it projects the formed gradient of one
+    factored record (a kind without factored rows, e.g. the default Rademacher, forms every
+    Linear layer's gradient, (n, m, d_out * d_in), one layer at a time): the largest one."""
+    isz = torch.finfo(projector.dtype).bits // 8
+    sizes = [p for p, factored in formed if not (factored and projector.kind in STRUCTURED)]
+    return isz * m * max(sizes, default=0)
 
 
 def _run(engine, module, prefixes, specs, x, output, y, loss, outputs):
@@ -764,8 +778,10 @@ def compute_records(module, x, *, output="logits", y=None, loss=None, prefixes=N
     report.clear()
 
     def plan(engine):
-        per, fixed, m, kept, groups = _probe(module, x, output, y, loss, prefixes, engine,
-                                             specs)
+        per, fixed, m, kept, groups, formed = _probe(module, x, output, y, loss, prefixes,
+                                                     engine, specs)
+        if projector is not None:
+            per += _formed_bytes(formed, projector, m)
         held = []  # what the fixed bytes hold besides the engine, named in a MemoryError
         if projector is not None:
             pb = projector.planned_bytes(groups)

@@ -234,14 +234,14 @@ _CHILD_PEG = textwrap.dedent("""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
                         nn.Linear(64, 10)).eval()
-    n = int(sys.argv[1])
+    n, k = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2]))
     X = np.random.RandomState(0).rand(n, 32).astype(np.float32)
     y = np.arange(n) % 10
     model = TorchModel(net)
-    model.per_example_gradients(X[:4], y[:4])
+    model.per_example_gradients(X[:4], y[:4], projection_dim=k)
     open("/proc/self/clear_refs", "w").write("5")
     base = status("VmRSS")
-    G = model.per_example_gradients(X, y)
+    G = model.per_example_gradients(X, y, projection_dim=k)
     print(json.dumps({"growth": status("VmHWM") - base, "out": G.nbytes}))
 """)
 
@@ -249,13 +249,13 @@ _CHILD_PEG = textwrap.dedent("""
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_per_example_gradients_peak_rss_within_the_budget():
     """TorchModel.per_example_gradients counts its result against the budget: a child's peak
-    RSS growth for 600 loss gradients (31.5 MB) stays under a 48 MiB budget (before: the batches'
-    flattened gradients and their concatenation, 72 MB, 2.3 times the result), and is at
-    least the result (the measurement sees it)."""
+    RSS growth for 600 loss gradients (31.5 MB) stays under a 48 MiB budget (before: the
+    batches' flattened gradients and their concatenation, 72 MB, 2.3 times the result), and
+    is at least the result (the measurement sees it)."""
     budget = 48 * 2**20
     env = dict(os.environ, SKATTR_MEMORY_BUDGET=str(budget), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _CHILD_PEG, "600"], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _CHILD_PEG, "600", "none"], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["out"] <= res["growth"] <= budget, res
@@ -287,3 +287,22 @@ def test_per_example_gradients_larger_than_the_budget_are_said():
             large = model.per_example_gradients(X, y.numpy())
     torch.testing.assert_close(torch.as_tensor(small), torch.as_tensor(ref), rtol=1e-12, atol=1e-14)
     assert (small == large).all()  # the budget changes the chunks, not the values
+
+
+@pytest.mark.parametrize("kind, formed", [("rademacher", True), ("gaussian", True),
+                                          ("factored", False)])
+def test_a_projection_that_forms_layer_gradients_is_planned(kind, formed):
+    """A projection without factored rows forms each Linear layer's per-example gradient,
+    (chunk, m, d_out * (d_in + 1)), while projecting it: the plan holds the largest one per
+    example (before: not counted, so a 32 MiB Rademacher call grew by 36-40 MB); a factored
+    projection forms none and is planned as before."""
+    net, shape = _net("mlp")  # Linear(5, 64), Linear(64, 3): the largest layer 64 x 6 = 384
+    X = torch.randn(8, *shape)
+    largest = max(m.weight.numel() + m.bias.numel() for m in net if isinstance(m, nn.Linear))
+    plain, projected = {}, {}
+    G.compute_records(net, X, budget=2**40, info=plain)
+    assert plain["engine"] == "structured"
+    G.compute_records(net, X, budget=2**40, info=projected, projector=Projector(kind, 16, 0))
+    extra = projected["bytes_per_example"] - plain["bytes_per_example"]
+    m = 3  # the logits
+    assert extra == (4 * m * largest if formed else 0)
