@@ -64,7 +64,9 @@ def _recipe(module, epochs, **kw):
 def _interleaved(runs, repeats, cpu=None):
     """Median seconds of each run, the runs interleaved round-robin after one warm-up each (the
     machine's load then affects them alike).  With a dict ``cpu``, also the median CPU seconds
-    of this process (``time.process_time``; less sensitive to other processes on the machine)."""
+    of this process (``time.process_time``; less sensitive to other processes on the machine)
+    and, under ``(name, "ratio")``, the median over the rounds of each run's CPU seconds over the
+    first run's in the same round."""
     outs = {name: fn() for name, fn in runs.items()}
     ts = {name: [] for name in runs}
     cs = {name: [] for name in runs}
@@ -76,6 +78,8 @@ def _interleaved(runs, repeats, cpu=None):
             cs[name].append(time.process_time() - c0)
     if cpu is not None:
         cpu.update({name: float(np.median(v)) for name, v in cs.items()})
+        first = np.asarray(cs[next(iter(runs))])
+        cpu.update({(name, "ratio"): float(np.median(np.asarray(v) / first)) for name, v in cs.items()})
     return {name: float(np.median(v)) for name, v in ts.items()}, outs
 
 
@@ -119,9 +123,10 @@ def part_speed(args):
         "exact": (f"HYDRA hessian='exact', {n_exact} tracked", "-"),
         "none_sub": (f"HYDRA hessian='none' (full vectors), {n_exact} tracked", "-"),
     }
-    rows = [[label, times[key], times[key] / times["train"], cpu[key], cpu[key] / cpu["train"], goal]
-            for key, (label, goal) in what.items()]
-    print_table(rows, ["what", "seconds", "x training", "CPU seconds", "x training (CPU)", "goal"],
+    rows = [[label, times[key], times[key] / times["train"], cpu[key], cpu[key] / cpu["train"],
+             cpu[(key, "ratio")], goal] for key, (label, goal) in what.items()]
+    print_table(rows, ["what", "seconds", "x training", "CPU seconds", "x training (CPU)",
+                       "x training (CPU, median of rounds)", "goal"],
                 title=f"MLP 64-256-256-10, {n} digits, {epochs} epochs ({steps} SGD steps), "
                       f"test accuracy {acc:.3f}; projected vs lean scores: mean Spearman {rho:.3f}; "
                       f"median of {args.repeats}, interleaved; load average {os.getloadavg()[0]:.1f} at the end")
