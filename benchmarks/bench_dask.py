@@ -14,10 +14,20 @@ Three measurements, each in one process tree, printed as ratios:
    score store, and ``top_k`` streamed through the blocks; the peak resident memory of the
    process (``resource.getrusage``) and the times.  The training features are real (projected
    gradients of a digits MLP), not synthetic.
+4. ``--part memory``: the peak resident memory that the parallel featurisation into an
+   in-memory store (``TRAK(store=None, n_jobs=2)``'s path, :func:`skattr.parallel.featurize_blocks`)
+   adds to this process, against the size of the features: the peak is reset
+   (``/proc/self/clear_refs``) after warm-up and read from ``VmHWM``.  Run it with
+   ``PYTHONPATH`` pointing at an older checkout to compare versions.
+5. ``--part influence``: ``InfluenceFunction(solver="cg")`` scoring ``--n-test`` targets with
+   ``n_jobs=1`` and ``n_jobs=2`` (loky, workers warmed up first): one solve per gradient batch of
+   ``--batch`` targets; the time ratio and whether the scores are identical.
 
     python benchmarks/bench_dask.py --part throughput
     python benchmarks/bench_dask.py --part dask
     python benchmarks/bench_dask.py --part scale --n-train 1000000 --n-test 1000
+    python benchmarks/bench_dask.py --part memory --n 200000 --k 256 --block 4096
+    python benchmarks/bench_dask.py --part influence --n 300 --n-test 64 --batch 16
 
 torch runs one thread per process (``torch.set_num_threads(1)``): the machine has two cores.
 """
@@ -152,9 +162,73 @@ def part_scale(a):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def part_memory(a):
+    import skattr
+    from skattr.featurize import Featurizer, encode_targets
+    from skattr.outputs import make_output
+    from skattr.parallel import featurize_blocks
+    from skattr.store import MemoryStore
+
+    m, (X, y) = model(), digits(a.n, 1)
+    out = make_output("margin")
+    fz = Featurizer(m, out, projection_dim=a.k, projection="kronecker", seed=0)
+    y_enc = encode_targets([m], out, X, y)
+
+    def run(n):
+        st = MemoryStore(n, a.k, 1, a.block, "float32")
+        featurize_blocks(lambda j: fz, X[:n], [y_enc[0][:n]], st, st.missing(), dim=a.k,
+                         n_jobs=2)
+        return st
+
+    _warm(2)
+    run(4 * a.block)  # warm-up: workers import skattr, the projector is built
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    base = _status("VmRSS")
+    st = run(a.n)
+    peak = _status("VmHWM")
+    feats = st.F[0].nbytes
+    print(f"featurisation of {a.n:,} rows into memory, k={a.k}, blocks of {a.block}, n_jobs=2 "
+          f"(loky), skattr from {Path(skattr.__file__).parent}")
+    print(f"  features {feats / 2**20:,.0f} MiB; peak growth of this process "
+          f"{(peak - base) / 2**20:,.0f} MiB = {(peak - base) / feats:.2f}x the features")
+
+
+def part_influence(a):
+    from skattr.estimators.influence import InfluenceFunction
+
+    m, (X, y) = model(), digits(a.n, 1)
+    Xt, yt = digits(a.n_test, 2)
+    kw = dict(solver="cg", damping=1.0, n_iter=30, tol=1e-6, batch_size=a.batch)
+    _warm(2)
+    # warm-up in the workers too (torch.func's first HVP in a process)
+    InfluenceFunction(m, **kw, n_jobs=2).fit(X, y).attribute(Xt[: 2 * a.batch], yt[: 2 * a.batch])
+    res = {}
+    for n_jobs in (1, 2):
+        inf = InfluenceFunction(m, **kw, n_jobs=n_jobs).fit(X, y)
+        t = time.perf_counter()
+        S = inf.attribute(Xt, yt)
+        res[n_jobs] = (time.perf_counter() - t, S)
+    (t1, S1), (t2, S2) = res[1], res[2]
+    print(f"InfluenceFunction(cg, damping=1, n_iter=30) on {a.n} training rows, {a.n_test} targets in "
+          f"batches of {a.batch} (MLP 64-64-10, {inf.n_params_:,} parameters)")
+    print(f"  n_jobs=1: {t1:.2f} s; n_jobs=2 (loky): {t2:.2f} s; speed-up {t1 / t2:.2f}x; "
+          f"scores identical: {np.array_equal(S1, S2)}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["throughput", "dask", "scale"], required=True)
+    p.add_argument("--part", choices=["throughput", "dask", "scale", "memory", "influence"],
+                   required=True)
+    p.add_argument("--batch", type=int, default=16, help="targets per solve (influence)")
     p.add_argument("--n", type=int, default=20000, help="rows featurised (throughput, dask)")
     p.add_argument("--n-train", type=int, default=1_000_000)
     p.add_argument("--n-test", type=int, default=1000)
@@ -163,4 +237,5 @@ if __name__ == "__main__":
     p.add_argument("--n-jobs", type=int, default=1, help="workers of the scale part")
     p.add_argument("--root", default=None, help="folder for the stores (default: a temp dir)")
     args = p.parse_args()
-    {"throughput": part_throughput, "dask": part_dask, "scale": part_scale}[args.part](args)
+    {"throughput": part_throughput, "dask": part_dask, "scale": part_scale,
+     "memory": part_memory, "influence": part_influence}[args.part](args)

@@ -3,7 +3,11 @@
 One module-scoped ``LocalCluster`` of two worker processes (one thread each).  What runs on it
 (TRAK featurisation into an on-disk store, the store's Gram matrix, blockwise scores and top-k,
 ensemble members, LDS subset models, SGLD chains) is compared with the same computation in this
-process.  Then a worker is killed in the middle of a featurisation, and another raises.
+process.  Then a worker is killed in the middle of a featurisation, and another raises; a
+worker dies reading a block for the Gram matrix and for the scores (Dask reruns the block), a
+block kills its worker on every try (an error naming the block instead of joblib waiting
+forever) or raises, and the rerun keeps the finished score blocks.  Calls that could hang run
+in a thread with a deadline (:func:`_within`).
 
 Skipped when dask.distributed is missing, except under ``CI=true``.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import joblib
@@ -24,7 +29,8 @@ from skattr import TorchModel
 from skattr.estimators import TRAK
 from skattr.estimators.loss_kernel import LossKernel
 from skattr.metrics import SubsetRetrainer
-from skattr.parallel import BlockError
+from skattr.parallel import BlockError, block_gram
+from skattr.store import FeatureStore
 
 try:
     from dask.distributed import Client, LocalCluster
@@ -56,6 +62,48 @@ class KillNet(torch.nn.Module):
                 os._exit(3)
             raise ValueError("simulated failure in the forward pass")
         return self.body(x)
+
+
+class KillStore(FeatureStore):
+    """A feature store whose read of block ``kill_block`` in a process other than ``parent``
+    kills that process (``mode="exit"``: once, while the file ``sentinel`` exists;
+    ``"always"``: every time) or raises (``"raise"``, once): a worker dying or failing while it
+    reads its block for the Gram matrix or the scores."""
+
+    kill_block, sentinel, mode, parent = None, None, "exit", None
+
+    def read(self, m, b, mmap=True):
+        if b == self.kill_block and os.getpid() != self.parent:
+            if self.mode == "always":
+                os._exit(3)
+            if self.sentinel and os.path.exists(self.sentinel):
+                os.remove(self.sentinel)
+                if self.mode == "raise":
+                    raise ValueError("simulated failure reading a block")
+                os._exit(3)
+        return super().read(m, b, mmap)
+
+
+def _within(seconds, fn):
+    """``fn()`` under the Dask backend in a thread: its result, or a test failure if it has
+    not returned after ``seconds`` (a hang fails instead of blocking the run)."""
+    box = {}
+
+    def run():
+        try:
+            with joblib.parallel_config(backend="dask"):
+                box["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["exc"] = exc
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(seconds)
+    if th.is_alive():
+        pytest.fail(f"no result after {seconds} s: the run hangs")
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
 
 
 def _data(n, seed=0):
@@ -208,3 +256,72 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         np.testing.assert_array_equal(stored_features(failing), stored_features(ref))
     finally:
         net.sentinel, net.mode, net.log = None, "exit", None
+
+
+def _kill_store(trak, tmp_path, block, mode):
+    st = trak.store_
+    st.__class__ = KillStore
+    st.kill_block, st.mode, st.parent = block, mode, os.getpid()
+    st.sentinel = str(tmp_path / f"kill-{mode}")
+    Path(st.sentinel).touch()
+    return st
+
+
+def _score_tokens(st):
+    return {b: st.marker(0, b)["token"] for b in range(st.n_blocks) if st.marker(0, b)}
+
+
+def test_gram_and_scores_survive_a_killed_worker(client, setup, tmp_path):
+    """A worker dies reading block 4 for the Gram matrix, then for the score store: Dask reruns
+    the block on a live worker and both equal the one-process result bit for bit."""
+    model, X, y, Xt, yt = setup
+    trak = TRAK(model, projection_dim=16, block_size=10, store=tmp_path / "f").fit(X, y)
+    S = trak.attribute(Xt, yt)
+    U = block_gram(trak.store_, 0, torch.float64, torch.float64, n_jobs=1)
+    try:
+        st = _kill_store(trak, tmp_path, 4, "exit")
+        U_d = _within(180, lambda: block_gram(st, 0, torch.float64, torch.float64))
+        assert not Path(st.sentinel).exists()  # it ran, and killed its worker
+        torch.testing.assert_close(U_d, U, rtol=0, atol=0)
+        client.wait_for_workers(1, timeout=120)
+        Path(st.sentinel).touch()
+        out = _within(180, lambda: trak.attribute(Xt, yt, out=tmp_path / "s"))
+        assert not Path(st.sentinel).exists()
+        np.testing.assert_array_equal(np.asarray(out), S)
+    finally:
+        trak.store_.__class__ = FeatureStore
+
+
+def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path):
+    """Reading block 3 raises in a worker: the score store stops with an error naming the block
+    and the worker, the blocks finished before are kept and the rerun computes only the
+    others, equal to the one-process scores.  Then block 3 kills every worker that reads it
+    (the scheduler allows no retry here): the Gram matrix stops with an error naming a block
+    (Dask's KilledWorker), where joblib's own Dask backend would wait forever."""
+    model, X, y, Xt, yt = setup
+    trak = TRAK(model, projection_dim=16, block_size=10, store=tmp_path / "f").fit(X, y)
+    S = trak.attribute(Xt, yt)
+    allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+    try:
+        st = _kill_store(trak, tmp_path, 3, "raise")
+        with pytest.raises(BlockError, match=r"Scoring training block 3 failed on worker \S+:\d+: "
+                                             r"ValueError: simulated failure reading a block"):
+            _within(180, lambda: trak.attribute(Xt, yt, out=tmp_path / "s"))
+        assert not Path(st.sentinel).exists()
+        folder = tmp_path / "s"
+        kept = {f.name: f.read_text() for f in folder.glob("*.done")}
+        assert "m000_b000003.done" not in kept
+        out = _within(180, lambda: trak.attribute(Xt, yt, out=folder))
+        assert all((folder / n).read_text() == t for n, t in kept.items())  # not recomputed
+        assert len(list(folder.glob("*.done"))) == 8
+        np.testing.assert_array_equal(np.asarray(out), S)
+
+        st.mode = "always"
+        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
+        # the tasks queued on the dying worker fail with it: the error names the first of them
+        with pytest.raises(BlockError, match=r"worker running the Gram product of block \d of "
+                                             r"model 0 died or failed on every try \(KilledWorker"):
+            _within(180, lambda: block_gram(st, 0, torch.float64, torch.float64))
+    finally:
+        trak.store_.__class__ = FeatureStore
+        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
