@@ -396,12 +396,17 @@ class LeanRecursion:
     written into buffers reused for the whole replay (``-a_t`` folded into the output factor as
     they are copied) and contracted ``flush_rows`` at a time; a bias enters as ``x . x' + 1``
     instead of a ones column appended to the inputs.  Other records are buffered as lists and
-    contracted with :func:`skattr.gradients.gram`."""
+    contracted with :func:`skattr.gradients.gram`.
+
+    With ``reduction="mean"`` the targets are one objective, the mean of their losses: the
+    recursion being linear, one score per example against the mean target gradient, contracted
+    at every step without buffering (:class:`_MeanTarget`)."""
 
     uses_records = True
     flush_rows = 512
 
-    def __init__(self, source, tracked, n_train, coefficients, target_records, self_records=None):
+    def __init__(self, source, tracked, n_train, coefficients, target_records, self_records=None,
+                 reduction="none"):
         self.source = source
         self.tracked = np.asarray(tracked)
         self.pos = np.full(n_train, -1, dtype=np.int64)
@@ -410,6 +415,11 @@ class LeanRecursion:
         self.rx = target_records
         self.rself = self_records
         n_t = _grad.records_shape(target_records)[0] if target_records is not None else 0
+        if reduction not in ("none", "mean"):
+            raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}.")
+        self.mean = None
+        if reduction == "mean" and target_records is not None:
+            self.mean, n_t = [_MeanTarget(r) for r in target_records], 1
         dev = source.model.device_
         self.scores_t = torch.zeros(len(self.tracked), n_t, dtype=torch.float64, device=dev)
         self.self_scores = torch.zeros(len(self.tracked), dtype=torch.float64, device=dev)
@@ -430,6 +440,16 @@ class LeanRecursion:
         if not len(rows):
             return
         c = -float(self.a[t])
+        if self.mean is not None:
+            rt = torch.as_tensor(rows, device=self.scores_t.device)
+            K = None
+            for r, m in zip(recs, self.mean):
+                K = m.dots(r) if K is None else K.add_(m.dots(r))
+            self.scores_t[:, 0].index_add_(0, rt, K.to(torch.float64).mul_(c))
+            if self.rself is not None:
+                S = row_dots(take_records(self.rself, rt), recs)
+                self.self_scores.index_add_(0, rt, S.to(torch.float64).mul_(c))
+            return
         if self._fixed is None:
             self._fixed = self._kron1(recs) and self._kron1(self.rx) and self._kron1(self.rself)
             if self._fixed:
@@ -460,6 +480,8 @@ class LeanRecursion:
             self.flush()
 
     def flush(self):
+        if self.mean is not None:
+            return
         if self._fixed:
             self._flush_fixed()
             return
@@ -503,6 +525,49 @@ class LeanRecursion:
             self.scores_t.index_add_(0, rt, K.to(torch.float64))
         if S is not None:
             self.self_scores.index_add_(0, rt, S.to(torch.float64))
+
+
+class _MeanTarget:
+    """The mean over targets of one layer's gradient record, and its dot product with each row
+    of a training record.  A Linear layer's mean keeps whichever form costs fewer multiply-adds
+    per training row: the dense ``(m d_out, d_in)`` matrix ``mean_j d_j a_j^T`` (``d_out d_in``)
+    or the targets' factors, averaged after the product (``n_targets (d_out + d_in)``).  Other
+    records: the mean of the formed gradients."""
+
+    def __init__(self, rec):
+        self.kind = "formed"
+        if isinstance(rec, _grad.KronRecord) and rec.L == 1:
+            dt, n_t = rec.d[:, 0].flatten(1), rec.d.shape[0]
+            self.bias = bool(rec.bias)
+            if dt.shape[1] * rec.d_in <= n_t * (dt.shape[1] + rec.d_in):
+                self.kind, self.G = "matrix", dt.T @ rec.a[:, 0] / n_t  # (m d_out, d_in [+1])
+            else:
+                self.kind, self.x, self.d = "factors", rec.x[:, 0], dt
+        else:
+            self.g = rec.dense().flatten(1).mean(0)
+
+    def dots(self, r):
+        """``grad_i . mean_j grad_j`` for every row ``i`` of record ``r``, (n,)."""
+        if self.kind == "formed" or not (isinstance(r, _grad.KronRecord) and r.L == 1):
+            g = self.g if self.kind == "formed" else self._formed()
+            return r.dense().flatten(1) @ g
+        x, d = r.x[:, 0], r.d[:, 0].flatten(1)
+        if self.kind == "matrix":
+            u = d @ self.G
+            out = (u[:, : x.shape[1]] * x).sum(1)
+            return out.add_(u[:, -1]) if self.bias else out
+        K = x @ self.x.T
+        if self.bias:
+            K += 1.0
+        return K.mul_(d @ self.d.T).mean(1)
+
+    def _formed(self):
+        if self.kind == "matrix":
+            return self.G.reshape(-1)
+        g = self.d.T @ self.x / self.x.shape[0]
+        if self.bias:
+            g = torch.cat([g, self.d.mean(0)[:, None]], 1)
+        return g.reshape(-1)
 
 
 class DenseRecursion:

@@ -241,6 +241,82 @@ def test_lean_equals_vector(run):
         lean.attribute(Xq[:2], yq[:2])
 
 
+def _mean_target_gradient(net, Xq, yq):
+    """Autograd gradient of the mean of the targets' losses at the network's parameters."""
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(torch.as_tensor(Xq)), torch.as_tensor(yq)).backward()
+    return torch.cat([p.grad.reshape(-1) for p in net.parameters()]).numpy()
+
+
+@pytest.mark.parametrize("n_targets", [1, 2, 5])
+def test_lean_mean_target_reduction(run, n_targets):
+    """target_reduction="mean": one row, the mean of the per-target lean rows and
+    -grad (1/m) sum_j l(x_j) . d_i with d_i from autograd through the unrolled run (1 target:
+    both layers keep the targets' factors; 2: the first its factors, the second the dense mean
+    matrix; 5: both the matrix)."""
+    X, y, _, rec, ref = run
+    Xq, yq = _data(max(n_targets, C), seed=5)
+    Xq, yq = Xq[:n_targets], yq[:n_targets]
+    full = HYDRA(_model(), mode="lean", trajectory=rec).fit(X, y, X_target=Xq, y_target=yq)
+    mean = HYDRA(_model(), mode="lean", trajectory=rec, target_reduction="mean").fit(
+        X, y, X_target=Xq, y_target=yq)
+    S = mean.attribute(Xq, yq)
+    assert S.shape == mean.lean_scores_.shape == (1, N)
+    assert _rel(S[0], full.attribute(None).mean(0)) < 1e-10
+    g = _mean_target_gradient(mean.model_.module_, Xq, yq)
+    assert _rel(S[0], -(ref["none"] @ g)) < 1e-10
+    np.testing.assert_array_equal(mean.attribute(None), S)
+    np.testing.assert_allclose(mean.self_influence(), full.self_influence(), rtol=1e-12)
+    with pytest.raises(ValueError, match="only the targets given to fit"):
+        mean.attribute(X[:2], y[:2])
+
+
+def test_lean_mean_target_reduction_cnn_and_subset():
+    """Conv and LayerNorm records (the mean of the formed gradients), a tracked subset and no
+    self-influence: the mean of the full-vector recursion's scores."""
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(16, 9)), rng.integers(0, C, 16)
+    y[:C] = np.arange(C)
+    kw = dict(epochs=2, batch_size=6, lr=0.2, momentum=0.9, weight_decay=0.01, lr_schedule="linear",
+              dtype="float64", random_state=0)
+    track = [15, 2, 7, 0]
+    Xq, yq = X[:4] + 0.1, y[:4]
+    vec = HYDRA(TorchModel(_cnn(), **kw), track=track).fit(X, y)
+    lean = HYDRA(TorchModel(_cnn(), **kw), mode="lean", track=track, target_reduction="mean",
+                 lean_self_influence=False).fit(X, y, X_target=Xq, y_target=yq)
+    S, ref = lean.attribute(None), vec.attribute(Xq, yq).mean(0)
+    assert S.shape == (1, 16)
+    assert np.isnan(S[0, np.setdiff1d(np.arange(16), track)]).all()
+    assert _rel(S[0, track], ref[track]) < 1e-10
+    with pytest.raises(ValueError, match="lean_self_influence=False"):
+        lean.self_influence()
+
+
+def test_lean_without_self_influence(run):
+    X, y, _, rec, _ = run
+    Xq, yq = _data(5, seed=5)
+    a = HYDRA(_model(), mode="lean", trajectory=rec).fit(X, y, X_target=Xq, y_target=yq)
+    b = HYDRA(_model(), mode="lean", trajectory=rec, lean_self_influence=False).fit(
+        X, y, X_target=Xq, y_target=yq)
+    np.testing.assert_array_equal(b.attribute(None), a.attribute(None))
+    with pytest.raises(ValueError, match="self-influence was not computed"):
+        b.self_influence()
+
+
+def test_target_reduction_and_self_influence_need_lean_mode(run):
+    X, y, *_ = run
+    with pytest.raises(ValueError, match="target_reduction='mean' is for mode='lean'"):
+        HYDRA(_model(), target_reduction="mean").fit(X, y)
+    with pytest.raises(ValueError, match="lean_self_influence=False is for mode='lean'"):
+        HYDRA(_model(), lean_self_influence=False).fit(X, y)
+    with pytest.raises(ValueError, match="target_reduction"):
+        HYDRA(_model(), mode="lean", target_reduction="sum").fit(X, y, X_target=X[:2])
+    with pytest.raises(ValueError, match="lean_self_influence"):
+        HYDRA(_model(), mode="lean", lean_self_influence="no").fit(X, y, X_target=X[:2])
+    with pytest.raises(ValueError, match="reduction must be"):
+        hg.LeanRecursion(None, [0], 1, [0.0], None, reduction="max")
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_lean_buffers_flush_within_the_replay(run, monkeypatch, bias):
     """The lean replay's reused buffers, flushed every few rows (steps split across flushes),
@@ -372,6 +448,17 @@ def test_clone_pickle_round_trip(run):
     h2 = pickle.loads(pickle.dumps(h))
     np.testing.assert_allclose(h2.attribute(X[:3], y[:3]), h.attribute(X[:3], y[:3]))
     np.testing.assert_allclose(clone(h).fit(X, y).attribute(X[:3], y[:3]), h.attribute(X[:3], y[:3]))
+    # the lean mean objective without self-influence: parameters and scores survive both
+    Xq, yq = X[:4], y[:4]
+    h = HYDRA(_model(), mode="lean", target_reduction="mean", lean_self_influence=False).fit(
+        X, y, X_target=Xq, y_target=yq)
+    c = clone(h)
+    assert c.get_params()["target_reduction"] == "mean" and c.get_params()["lean_self_influence"] is False
+    h2 = pickle.loads(pickle.dumps(h))
+    assert h2.target_reduction == "mean" and h2.lean_self_influence is False
+    np.testing.assert_array_equal(h2.attribute(Xq, yq), h.attribute(Xq, yq))
+    np.testing.assert_allclose(c.fit(X, y, X_target=Xq, y_target=yq).attribute(None), h.attribute(None),
+                               rtol=1e-12)
 
 
 def _lazy_model(**kw):

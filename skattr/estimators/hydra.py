@@ -84,7 +84,8 @@ class HYDRA(BaseAttributor):
     for every tracked training example ``i``, the hypergradient ``d_i = d theta_T / d w_i`` with
     respect to the weight of its loss in the mean-reduced batch loss; scores are
     ``c_i(x) = -grad l(x, theta_T) . d_i`` (positive: the example lowered the loss at ``x``).
-    See ``docs/hydra.md`` for the recursion, its signs and scales.
+    See the HYDRA page of the documentation (``hydra.html``) for the recursion, its signs and
+    scales.
 
     Parameters
     ----------
@@ -108,6 +109,16 @@ class HYDRA(BaseAttributor):
         scalar per training example and target for the targets given to :meth:`fit`
         (``X_target``, ``y_target``) through a deterministic replay of the training
         (O(n_train x n_targets) memory, exact inner products, Hessian-free).
+    target_reduction : {"none", "mean"}, default="none"
+        ``mode="lean"``: ``"none"`` scores every target given to :meth:`fit` (one row each);
+        ``"mean"`` scores one objective, the mean of the targets' losses
+        ``(1/m) sum_j l(x_j, theta_T)``: one scalar per training example (O(n_train) memory),
+        the mean of the ``"none"`` rows, computed against the mean target gradient (the
+        recursion is linear), so the replay's products do not grow with the number of targets.
+    lean_self_influence : bool, default=True
+        ``mode="lean"``: also compute the self-influence during the replay (a record of every
+        example's gradient at ``theta_T`` and one dot product per example and step).  ``False``
+        skips it; :meth:`self_influence` then raises.  Vector mode always has it.
     track : array-like of int or None, default=None
         Indices of the training examples to carry; ``None``: all.  Scores of the others are NaN.
     trajectory : TrajectoryRecorder or None, default=None
@@ -134,8 +145,9 @@ class HYDRA(BaseAttributor):
         (``mode="vector"``).
     track_ : ndarray of int
         The tracked training indices.
-    lean_scores_ : ndarray of shape (n_targets, n_train) or None
-        ``mode="lean"``: the scores of the targets given to :meth:`fit`.
+    lean_scores_ : ndarray of shape (n_targets, n_train) or (1, n_train), or None
+        ``mode="lean"``: the scores of the targets given to :meth:`fit`, one row each
+        (``target_reduction="none"``) or one row for their mean loss (``"mean"``).
     coefficients_ : ndarray of shape (n_steps,)
         ``a_t`` of the Hessian-free closed form ``d_i = sum_{t: i in B_t} a_t / |B_t|
         grad l_i(theta_t)``.
@@ -165,6 +177,8 @@ class HYDRA(BaseAttributor):
         "projection_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "projection": [StrOptions(set(KINDS))],
         "mode": [StrOptions({"vector", "lean"})],
+        "target_reduction": [StrOptions({"none", "mean"})],
+        "lean_self_influence": ["boolean"],
         "track": ["array-like", None],
         "trajectory": [TrajectoryRecorder, None],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left"), None],
@@ -182,6 +196,8 @@ class HYDRA(BaseAttributor):
         projection_dim=None,
         projection="kronecker",
         mode="vector",
+        target_reduction="none",
+        lean_self_influence=True,
         track=None,
         trajectory=None,
         batch_size=None,
@@ -193,6 +209,8 @@ class HYDRA(BaseAttributor):
         self.projection_dim = projection_dim
         self.projection = projection
         self.mode = mode
+        self.target_reduction = target_reduction
+        self.lean_self_influence = lean_self_influence
         self.track = track
         self.trajectory = trajectory
         self.batch_size = batch_size
@@ -217,6 +235,16 @@ class HYDRA(BaseAttributor):
                 )
         if self.mode == "lean" and self.projection_dim is not None:
             raise ValueError("mode='lean' computes exact inner products; projection_dim must be None.")
+        if self.mode != "lean" and self.target_reduction != "none":
+            raise ValueError(
+                f"target_reduction={self.target_reduction!r} is for mode='lean' (targets fixed at fit); "
+                "in mode='vector' average the rows of attribute(X, y)."
+            )
+        if self.mode != "lean" and not self.lean_self_influence:
+            raise ValueError(
+                "lean_self_influence=False is for mode='lean'; mode='vector' computes the "
+                "self-influence from the hypergradients at the end of fit."
+            )
 
     def _check_track(self, n):
         if self.track is None:
@@ -427,8 +455,12 @@ class HYDRA(BaseAttributor):
         self.target_fingerprint_ = data_hash(Xtar, ytar)
         net_T = final.network()
         rx = self._records(src, net_T, final.to_tensor(Xtar), yenc)
-        rself = self._records(src, net_T, Xt[torch.as_tensor(self.track_)], yt[torch.as_tensor(self.track_)])
-        recursion = _hg.LeanRecursion(src, self.track_, self.n_train_, self.coefficients_, rx, rself)
+        rself = None
+        if self.lean_self_influence:
+            tr = torch.as_tensor(self.track_)
+            rself = self._records(src, net_T, Xt[tr], yt[tr])
+        recursion = _hg.LeanRecursion(src, self.track_, self.n_train_, self.coefficients_, rx, rself,
+                                      reduction=self.target_reduction)
         hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
         net = _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
         ref = dict(final.network().named_parameters())
@@ -439,11 +471,12 @@ class HYDRA(BaseAttributor):
                 "training is not deterministic here, so the replayed gradients are not the run's."
             )
         recursion.flush()
-        S = np.full((int(Xtar.shape[0]), self.n_train_), np.nan)
-        S[:, self.track_] = recursion.scores.cpu().numpy()
+        scores = recursion.scores.cpu().numpy()
+        S = np.full((scores.shape[0], self.n_train_), np.nan)
+        S[:, self.track_] = scores
         self.lean_scores_ = S
         self.hypergradients_ = None
-        self.self_influence_ = recursion.self_scores.cpu().numpy()
+        self.self_influence_ = recursion.self_scores.cpu().numpy() if rself is not None else None
 
     def _records(self, src, net, Xt, yt):
         bs = int(self.batch_size or src.model.batch_size_eval)
@@ -485,16 +518,19 @@ class HYDRA(BaseAttributor):
         Parameters
         ----------
         X : array-like or tensor of shape (n_samples, ...)
-            ``mode="lean"``: the targets given to :meth:`fit` (or ``None``).
+            ``mode="lean"``: the targets given to :meth:`fit` (or ``None``); anything else
+            raises.
         y : array-like of shape (n_samples,), default=None
             Labels defining the loss on each sample; ``None`` uses the trained network's
             predictions.
 
         Returns
         -------
-        scores : ndarray of shape (n_samples, n_train)
+        scores : ndarray of shape (n_samples, n_train), or (1, n_train)
             ``-grad l(x, theta_T) . d_i``: the first-order increase of the loss at ``X[j]`` if
             training example ``i`` is removed (positive: it helped).  NaN for untracked examples.
+            With ``mode="lean", target_reduction="mean"``: one row, the increase of the mean
+            loss over the targets (the mean of the rows ``"none"`` would return).
         """
         if self.mode == "lean":
             check_is_fitted(self, "lean_scores_")
@@ -523,9 +559,15 @@ class HYDRA(BaseAttributor):
         How much up-weighting example ``i`` lowered its own final loss: large for examples the
         network fits only through themselves (e.g. mislabelled ones); see
         :func:`skattr.metrics.mislabel_detection_auc`.  Available in both modes (lean: from a
-        per-example record of ``grad l_i(theta_T)`` kept during the replay).
+        per-example record of ``grad l_i(theta_T)`` kept during the replay; a ``ValueError``
+        with ``lean_self_influence=False``).
         """
         check_is_fitted(self, "self_influence_")
+        if self.self_influence_ is None:
+            raise ValueError(
+                "The self-influence was not computed: this HYDRA was fitted with "
+                "lean_self_influence=False; refit with lean_self_influence=True."
+            )
         out = np.full(self.n_train_, np.nan)
         out[self.track_] = self.self_influence_
         return out
