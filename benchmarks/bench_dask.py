@@ -218,8 +218,8 @@ def part_influence(a):
         S = inf.attribute(Xt, yt)
         res[n_jobs] = (time.perf_counter() - t, S)
     (t1, S1), (t2, S2) = res[1], res[2]
-    print(f"InfluenceFunction(cg, damping=1, n_iter=30) on {a.n} training rows, {a.n_test} targets in "
-          f"batches of {a.batch} (MLP 64-64-10, {inf.n_params_:,} parameters)")
+    print(f"InfluenceFunction(cg, damping=1, n_iter=30) on {a.n} training rows, {a.n_test} "
+          f"targets in batches of {a.batch} (MLP 64-64-10, {inf.n_params_:,} parameters)")
     print(f"  n_jobs=1: {t1:.2f} s; n_jobs=2 (loky): {t2:.2f} s; speed-up {t1 / t2:.2f}x; "
           f"scores identical: {np.array_equal(S1, S2)}")
 

@@ -37,8 +37,8 @@ from joblib.parallel import get_active_backend
 
 from .store import ScoreStore, TopK, _merge_top, top_k_blocks, writer_id
 
-__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "run_blocks", "score_blocks",
-           "torch_threads"]
+__all__ = ["BlockError", "block_gram", "featurize_blocks", "n_workers", "run_blocks",
+           "score_blocks", "torch_threads"]
 
 
 class BlockError(RuntimeError):

@@ -301,6 +301,10 @@ def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path)
     model, X, y, Xt, yt = setup
     trak = TRAK(model, projection_dim=16, block_size=10, store=tmp_path / "f").fit(X, y)
     S = trak.attribute(Xt, yt)
+    def set_allowed(n):
+        client.run_on_scheduler(
+            lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", n))
+
     allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
     try:
         st = _kill_store(trak, tmp_path, 3, "raise")
@@ -317,11 +321,11 @@ def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path)
         np.testing.assert_array_equal(np.asarray(out), S)
 
         st.mode = "always"
-        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
+        set_allowed(0)
         # the tasks queued on the dying worker fail with it: the error names the first of them
         with pytest.raises(BlockError, match=r"worker running the Gram product of block \d of "
                                              r"model 0 died or failed on every try \(KilledWorker"):
             _within(180, lambda: block_gram(st, 0, torch.float64, torch.float64))
     finally:
         trak.store_.__class__ = FeatureStore
-        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
+        set_allowed(allowed)

@@ -468,7 +468,8 @@ def _record(fn):
         warnings.simplefilter("always")
         out = fn()
     # torch's own DeprecationWarnings at a fresh worker's first use are not the solver's
-    return out, [(w.category, str(w.message)) for w in caught if w.category is not DeprecationWarning]
+    return out, [(w.category, str(w.message)) for w in caught
+                 if w.category is not DeprecationWarning]
 
 
 @pytest.mark.parametrize("solver, kw, backend", [
@@ -545,11 +546,13 @@ def test_iterative_solves_refuse_threads(trained, data):
     import joblib
 
     Xtr, ytr, Xte, yte = data
-    inf = InfluenceFunction(trained, solver="cg", damping=0.5, batch_size=4, n_iter=2).fit(Xtr[:12], ytr[:12])
+    inf = InfluenceFunction(trained, solver="cg", damping=0.5, batch_size=4, n_iter=2)
+    inf.fit(Xtr[:12], ytr[:12])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         S1 = inf.attribute(Xte, yte)
         with joblib.parallel_config(backend="threading"):
-            with pytest.warns(UserWarning, match="one after another in this process.*not thread-safe"):
+            with pytest.warns(UserWarning,
+                              match="one after another in this process.*not thread-safe"):
                 S2 = inf.set_params(n_jobs=2).attribute(Xte, yte)
     np.testing.assert_array_equal(S2, S1)

@@ -250,4 +250,5 @@ def test_n_jobs_equals_one_process(digits, fitted, monkeypatch):
     with joblib.parallel_config(backend="threading"):
         par = TracIn(fitted, **kw, n_jobs=2).fit(Xtr, ytr)
         np.testing.assert_array_equal(par.attribute(Xt, yt), ref.attribute(Xt, yt))
-        np.testing.assert_array_equal(par.top_k(Xt, yt, k=5).proponents, ref.top_k(Xt, yt, k=5).proponents)
+        np.testing.assert_array_equal(par.top_k(Xt, yt, k=5).proponents,
+                                      ref.top_k(Xt, yt, k=5).proponents)

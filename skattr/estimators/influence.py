@@ -80,7 +80,8 @@ class _Solves:
     def rows(self, X, y_enc):
         """``P (H + damping I)^{-1} grad l(x) / sqrt(k)`` (or unprojected), float64 (t, k)."""
         proj = self.fz.projector()
-        out = torch.empty(int(X.shape[0]), self.feature_dim, dtype=torch.float64, device=self.device)
+        out = torch.empty(int(X.shape[0]), self.feature_dim, dtype=torch.float64,
+                          device=self.device)
         batches = self.batches(X, y_enc)
         for i0, i1, rc, G in progress(batches, None, self.verbose, f"{self.name}: solving"):
             Y = self.curvature.solve(G, self.loss)
