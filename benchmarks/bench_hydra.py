@@ -9,6 +9,8 @@ rate, batch 64), timed as
   examples in the same pass);
 * the lean replay ``HYDRA(model, mode="lean", trajectory=recorder).fit(X, y, X_target=...)``
   (one scalar per example and target, 100 targets; the run is replayed, not retrained);
+* the same with ``target_reduction="mean"`` (the 100 targets' mean loss as one objective: one
+  scalar per example), with and without ``lean_self_influence``;
 * ``HYDRA(model, hessian="exact", track=...)`` on a few tracked examples (Hessian-vector
   products at every step), whose cost grows linearly with the number tracked;
 
@@ -61,12 +63,13 @@ def _recipe(module, epochs, **kw):
     return TorchModel(module, **p)
 
 
-def _interleaved(runs, repeats, cpu=None):
+def _interleaved(runs, repeats, cpu=None, rounds=None):
     """Median seconds of each run, the runs interleaved round-robin after one warm-up each (the
     machine's load then affects them alike).  With a dict ``cpu``, also the median CPU seconds
     of this process (``time.process_time``; less sensitive to other processes on the machine)
     and, under ``(name, "ratio")``, the median over the rounds of each run's CPU seconds over the
-    first run's in the same round."""
+    first run's in the same round.  With a dict ``rounds``, each run's wall seconds of every
+    round."""
     outs = {name: fn() for name, fn in runs.items()}
     ts = {name: [] for name in runs}
     cs = {name: [] for name in runs}
@@ -80,6 +83,8 @@ def _interleaved(runs, repeats, cpu=None):
         cpu.update({name: float(np.median(v)) for name, v in cs.items()})
         first = np.asarray(cs[next(iter(runs))])
         cpu.update({(name, "ratio"): float(np.median(np.asarray(v) / first)) for name, v in cs.items()})
+    if rounds is not None:
+        rounds.update(ts)
     return {name: float(np.median(v)) for name, v in ts.items()}, outs
 
 
@@ -103,22 +108,33 @@ def part_speed(args):
         "proj": lambda: HYDRA(_recipe(make_mlp(), epochs), projection_dim=k).fit(Xtr, ytr),
         "lean": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec).fit(
             Xtr, ytr, X_target=Xte, y_target=yte),
+        "lean_mean": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec,
+                                   target_reduction="mean").fit(Xtr, ytr, X_target=Xte, y_target=yte),
+        "lean_mean_noself": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec,
+                                          target_reduction="mean", lean_self_influence=False).fit(
+            Xtr, ytr, X_target=Xte, y_target=yte),
         "lean_full": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean").fit(
             Xtr, ytr, X_target=Xte, y_target=yte),
         "none_sub": lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="none", track=track).fit(Xtr, ytr),
         "exact": lambda: HYDRA(_recipe(make_mlp(), epochs), hessian="exact", track=track).fit(Xtr, ytr),
     }
-    cpu = {}
-    times, outs = _interleaved(runs, args.repeats, cpu)
+    cpu, rounds = {}, {}
+    times, outs = _interleaved(runs, args.repeats, cpu, rounds)
     hp, hl = outs["proj"], outs["lean"]
     # agreement of projected and lean scores on the same targets (lean: exact inner products)
     Sp, Sl = hp.attribute(Xte, yte), hl.attribute(None)
     rho = np.mean([spearmanr(a, b)[0] for a, b in zip(Sp, Sl)])
+    # the mean objective against the mean of the 100 per-target rows (float32 network)
+    Sm, Sn = outs["lean_mean"].attribute(None)[0], outs["lean_mean_noself"].attribute(None)[0]
+    mean_err = max(np.linalg.norm(S - Sl.mean(0)) / np.linalg.norm(Sl.mean(0)) for S in (Sm, Sn))
     acc = float(model.score(Xte, yte))
     what = {
         "train": ("plain training (TorchModel.fit + recorder)", "-"),
         "proj": (f"HYDRA projection_dim={k}, all {n} examples (trains once)", "<= 2"),
         "lean": (f"HYDRA lean replay, {len(Xte)} targets + self-influence (replays the recorder)", "<= 1.5"),
+        "lean_mean": (f"HYDRA lean replay, target_reduction='mean' ({len(Xte)} targets' mean) + self-influence",
+                      "<= 1.5"),
+        "lean_mean_noself": ("HYDRA lean replay, target_reduction='mean', lean_self_influence=False", "<= 1.5"),
         "lean_full": ("HYDRA lean, training + replay", "-"),
         "exact": (f"HYDRA hessian='exact', {n_exact} tracked", "-"),
         "none_sub": (f"HYDRA hessian='none' (full vectors), {n_exact} tracked", "-"),
@@ -129,7 +145,14 @@ def part_speed(args):
                        "x training (CPU, median of rounds)", "goal"],
                 title=f"MLP 64-256-256-10, {n} digits, {epochs} epochs ({steps} SGD steps), "
                       f"test accuracy {acc:.3f}; projected vs lean scores: mean Spearman {rho:.3f}; "
+                      f"lean 'mean' vs mean of the lean rows: relative difference {mean_err:.1e}; "
                       f"median of {args.repeats}, interleaved; load average {os.getloadavg()[0]:.1f} at the end")
+    tr = np.asarray(rounds["train"])
+    print_table([[label] + [f"{r:.2f}" for r in np.asarray(rounds[key]) / tr]
+                 for key, (label, _) in what.items() if key != "train"],
+                ["what"] + [f"round {i + 1}" for i in range(len(tr))],
+                title="Every round: wall seconds over the same round's training "
+                      f"(training {', '.join(f'{t:.3f}' for t in tr)} s)")
 
 
 def _tiny(seed=0):

@@ -102,15 +102,19 @@ def check_sgd_optimizer(opt):
 
 def check_followable(net):
     """``ValueError`` for layers that couple the examples of a batch or are random in training
-    (BatchNorm, Dropout): the per-example weights' hypergradient assumes neither."""
-    bad = [type(m).__name__ for m in net.modules()
-           if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
-                             torch.nn.AlphaDropout))]
+    (BatchNorm, Dropout with p > 0): the per-example weights' hypergradient assumes neither.
+    ``Dropout(p=0)`` is the identity and accepted."""
+    drop = (torch.nn.modules.dropout._DropoutNd, torch.nn.AlphaDropout)
+    bad = [type(m).__name__ if not isinstance(m, drop) else f"{type(m).__name__}(p={m.p})"
+           for m in net.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+           or (isinstance(m, drop) and float(m.p) != 0.0)]
     if bad:
         raise ValueError(
             f"HYDRA cannot follow a network with {sorted(set(bad))} layers: in training they couple "
             "the examples of a batch (batch statistics) or are random (dropout), so the per-example "
-            "loss weights' hypergradient is not the recursion HYDRA carries. Use a network without them."
+            "loss weights' hypergradient is not the recursion HYDRA carries. Use a network without them "
+            "(Dropout(p=0), the identity, is accepted)."
         )
 
 
@@ -399,8 +403,8 @@ class LeanRecursion:
     contracted with :func:`skattr.gradients.gram`.
 
     With ``reduction="mean"`` the targets are one objective, the mean of their losses: the
-    recursion being linear, one score per example against the mean target gradient, contracted
-    at every step without buffering (:class:`_MeanTarget`)."""
+    recursion being linear, one score per example against the mean target gradient
+    (:class:`_MeanTarget`), contracted at the same flushes."""
 
     uses_records = True
     flush_rows = 512
@@ -440,18 +444,9 @@ class LeanRecursion:
         if not len(rows):
             return
         c = -float(self.a[t])
-        if self.mean is not None:
-            rt = torch.as_tensor(rows, device=self.scores_t.device)
-            K = None
-            for r, m in zip(recs, self.mean):
-                K = m.dots(r) if K is None else K.add_(m.dots(r))
-            self.scores_t[:, 0].index_add_(0, rt, K.to(torch.float64).mul_(c))
-            if self.rself is not None:
-                S = row_dots(take_records(self.rself, rt), recs)
-                self.self_scores.index_add_(0, rt, S.to(torch.float64).mul_(c))
-            return
         if self._fixed is None:
-            self._fixed = self._kron1(recs) and self._kron1(self.rx) and self._kron1(self.rself)
+            self._fixed = self._kron1(recs) and self._kron1(self.rself) and (
+                self.mean is not None or self._kron1(self.rx))
             if self._fixed:
                 cap = self.flush_rows + len(rows)
                 self._rows = torch.empty(cap, dtype=torch.int64, device=self.scores_t.device)
@@ -480,8 +475,6 @@ class LeanRecursion:
             self.flush()
 
     def flush(self):
-        if self.mean is not None:
-            return
         if self._fixed:
             self._flush_fixed()
             return
@@ -491,7 +484,10 @@ class LeanRecursion:
         recs = self._buf[0][1] if len(self._buf) == 1 else cat_records([c for _, c in self._buf])
         self._buf, self._n = [], 0
         rt = torch.as_tensor(rows, device=self.scores_t.device)
-        if self.rx is not None:
+        if self.mean is not None:
+            K = sum(m.dots(r) for r, m in zip(recs, self.mean))
+            self.scores_t[:, 0].index_add_(0, rt, K.to(torch.float64))
+        elif self.rx is not None:
             self.scores_t.index_add_(0, rt, _grad.gram(recs, self.rx).to(torch.float64))
         if self.rself is not None:
             self.self_scores.index_add_(0, rt, row_dots(take_records(self.rself, rt), recs).to(torch.float64))
@@ -505,7 +501,10 @@ class LeanRecursion:
         K = S = None
         for j, (xb, db, bias) in enumerate(zip(self._xb, self._db, self._bias)):
             x, d = xb[:n], db[:n].flatten(1)
-            if self.rx is not None:
+            if self.mean is not None:
+                term = self.mean[j].dots_xd(x, d, bias)
+                K = term if K is None else K.add_(term)
+            elif self.rx is not None:
                 tx = self.rx[j]
                 term = x @ tx.x[:, 0].T
                 if bias:
@@ -522,6 +521,8 @@ class LeanRecursion:
                 term *= (d * ds).sum(1)
                 S = term if S is None else S.add_(term)
         if K is not None:
+            if K.ndim == 1:
+                K = K[:, None]
             self.scores_t.index_add_(0, rt, K.to(torch.float64))
         if S is not None:
             self.self_scores.index_add_(0, rt, S.to(torch.float64))
@@ -551,13 +552,17 @@ class _MeanTarget:
         if self.kind == "formed" or not (isinstance(r, _grad.KronRecord) and r.L == 1):
             g = self.g if self.kind == "formed" else self._formed()
             return r.dense().flatten(1) @ g
-        x, d = r.x[:, 0], r.d[:, 0].flatten(1)
+        return self.dots_xd(r.x[:, 0], r.d[:, 0].flatten(1), bool(r.bias))
+
+    def dots_xd(self, x, d, bias):
+        """:meth:`dots` of the Linear-layer rows ``d_i a_i^T`` given as inputs ``x`` (n, d_in,
+        without the bias column) and output factors ``d`` (n, m d_out)."""
         if self.kind == "matrix":
             u = d @ self.G
             out = (u[:, : x.shape[1]] * x).sum(1)
-            return out.add_(u[:, -1]) if self.bias else out
+            return out.add_(u[:, -1]) if bias else out
         K = x @ self.x.T
-        if self.bias:
+        if bias:
             K += 1.0
         return K.mul_(d @ self.d.T).mean(1)
 
