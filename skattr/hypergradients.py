@@ -53,6 +53,8 @@ __all__ = [
     "check_followable",
     "check_sgd_optimizer",
     "check_sgd_state",
+    "check_batch_weights",
+    "check_unweighted",
     "lean_coefficients",
     "step_matrix",
     "BatchCapture",
@@ -65,10 +67,39 @@ __all__ = [
 ]
 
 _NOT_SGD = (
-    "HYDRA follows torch.optim.SGD (momentum, weight decay, no dampening, no Nesterov, one "
-    "parameter group) only; {what}. Adam's hypergradient recursion (the authors' Adam variant) is "
-    "not implemented: train with TorchModel (plain SGD) to attribute with HYDRA."
+    "HYDRA follows torch.optim.SGD only (momentum, weight decay and any learning-rate schedule; "
+    "no dampening, no Nesterov, one parameter group); {what}. Adam's hypergradient recursion "
+    "(the authors' Adam variant) is not implemented: train with TorchModel (torch.optim.SGD) to "
+    "attribute with HYDRA."
 )
+
+_WEIGHTED = (
+    "HYDRA cannot follow weighted batches: {where} a callback's plan_epoch gave loss weights "
+    "(the step's loss sum_j w_j l_j / sum_j w_j, state.batch_weights), but HYDRA's recursion "
+    "injects every example of a batch with weight 1/|B_t| (the mean batch loss), so its scores "
+    "would not be the derivative of this run. Return unweighted batches (index arrays only) from "
+    "plan_epoch to attribute with HYDRA."
+)
+
+
+def uniform_weights(w):
+    """True when a step's loss weights leave its loss the mean (``None`` or all equal)."""
+    if w is None:
+        return True
+    w = np.asarray(w)
+    return bool(np.all(w == w.flat[0]))
+
+
+def check_batch_weights(w, step, run="the training"):
+    """``ValueError`` if the loss weights ``w`` of step ``step`` are unequal (plan_epoch)."""
+    if not uniform_weights(w):
+        raise ValueError(_WEIGHTED.format(where=f"at step {step} of {run}"))
+
+
+def check_unweighted(trajectory):
+    """``ValueError`` if a recorded run has a step with unequal loss weights (plan_epoch)."""
+    for t, w in enumerate(getattr(trajectory, "batch_weights_", None) or ()):
+        check_batch_weights(w, t, "the recorded run")
 
 
 # ------------------------------------------------------------------------------ checks
@@ -775,6 +806,7 @@ def replay(model, trajectory, Xt, yt, hook=None, *, check=True, rtol=1e-4, verbo
     tolerance ``rtol``); a mismatch means the data or the architecture differ from the
     recording (``ValueError``).  A non-finite loss raises ``FloatingPointError``.
     """
+    check_unweighted(trajectory)
     net = model.module_
     ck0 = trajectory.checkpoints_[0][1]
     try:

@@ -85,9 +85,16 @@ class TrajectoryRecorder(Callback):
         copied to the CPU.
     lrs_ : list of float, one per step
     batches_ : list of ndarray, the training indices of each step
-    losses_ : list of float, the mean mini-batch loss of each step
-    momentum_, weight_decay_ : float
-        The optimizer's settings.
+    batch_weights_ : list of (ndarray or None), one per step
+        The loss weights of each step's examples when a callback's ``plan_epoch`` gave
+        weighted batches (the step's loss is then ``sum_j w_j l_j / sum_j w_j``); ``None`` for an
+        unweighted step (the mean).  A replay needs them to reproduce the run.
+    losses_ : list of float, the (weighted) mean mini-batch loss of each step
+    optimizer_ : str
+        The optimizer's class name (``"SGD"`` for :func:`train_module`).
+    momentum_, weight_decay_ : float or None
+        The optimizer's settings (``None`` when its parameter group has no such key, e.g. Adam's
+        has no ``momentum``; HYDRA's replay then refuses the recording).
     n_train_, batch_size_ : int
     """
 
@@ -102,11 +109,10 @@ class TrajectoryRecorder(Callback):
 
     def on_train_begin(self, state):
         self.checkpoints_, self.lrs_, self.batches_, self.losses_ = [], [], [], []
-        self.checkpoint_lrs_, self.optimizer_states_ = [], []
-        self.momentum_, self.weight_decay_ = (
-            state.optimizer.param_groups[0]["momentum"],
-            state.optimizer.param_groups[0]["weight_decay"],
-        )
+        self.checkpoint_lrs_, self.optimizer_states_, self.batch_weights_ = [], [], []
+        group = state.optimizer.param_groups[0]
+        self.optimizer_ = type(state.optimizer).__name__
+        self.momentum_, self.weight_decay_ = group.get("momentum"), group.get("weight_decay")
         self.n_train_, self.batch_size_ = state.n_train, state.batch_size
         self._save(state)
 
@@ -115,6 +121,8 @@ class TrajectoryRecorder(Callback):
         if self.checkpoint_lrs_ and self.checkpoint_lrs_[0] is None:
             self.checkpoint_lrs_[0] = state.lr
         self.batches_.append(np.asarray(state.batch_indices))
+        w = state.batch_weights
+        self.batch_weights_.append(None if w is None else np.array(w, dtype=np.float64))
         self.losses_.append(state.loss)
         ce = self.checkpoint_every
         if ce != "epoch" and state.step % int(ce) == 0:

@@ -11,6 +11,7 @@ linearised at each ``theta_t``).
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -20,9 +21,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 from torch.func import functional_call
 
-from skattr import TorchModel, TrajectoryRecorder
+from skattr import Callback, TorchModel, TrajectoryRecorder
 from skattr import hypergradients as hg
 from skattr.estimators.hydra import HYDRA
+from skattr.training import TrainState
 
 N, D_IN, C = 24, 4, 3
 
@@ -683,3 +685,110 @@ def test_hydra_uses_only_public_names_of_the_core():
     tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     tied[1].weight = tied[0].weight  # one Parameter under two names
     assert gradients.has_tied_parameters(gradients.selected_modules(tied, None))
+
+
+# ------------------------------------------------------------------ new-user trial (issue 11)
+class _Plan(Callback):
+    """Seeded batches of 8, optionally with loss weights (3 on even indices, 1 on odd)."""
+
+    def __init__(self, weights=None):
+        self.weights = weights
+
+    def plan_epoch(self, state, generator):
+        perm = torch.randperm(state.n_train, generator=generator).numpy()
+        out = []
+        for s in range(0, state.n_train, 8):
+            b = perm[s : s + 8]
+            if self.weights is None:
+                out.append(b)
+            elif self.weights == "even":
+                out.append((b, np.where(b % 2 == 0, 3.0, 1.0)))
+            else:
+                out.append((b, np.full(len(b), float(self.weights))))
+        return out
+
+
+def test_weighted_batches_refused_and_recorded():
+    X, y = _data()
+    for kw in ({}, {"hessian": "exact"}, {"projection_dim": 8}):
+        with pytest.raises(ValueError, match="plan_epoch"):
+            HYDRA(_model(epochs=2, callbacks=[_Plan("even")]), **kw).fit(X, y)
+    with pytest.raises(ValueError, match="weighted batches"):
+        HYDRA(_model(epochs=2, callbacks=[_Plan("even")]), mode="lean").fit(X, y, X_target=X[:2])
+    m = _model(epochs=2, callbacks=[_Plan("even"), TrajectoryRecorder()]).fit(X, y)
+    rec = m.callbacks_[1]
+    assert len(rec.batch_weights_) == len(rec.batches_) == 6
+    for b, w in zip(rec.batches_, rec.batch_weights_):
+        np.testing.assert_array_equal(w, np.where(b % 2 == 0, 3.0, 1.0))
+    with pytest.raises(ValueError, match="plan_epoch"):
+        HYDRA(_model(epochs=2), trajectory=rec).fit(X, y)
+    # equal weights leave the mean: the same hypergradients as the unweighted plan
+    plain = HYDRA(_model(epochs=2, callbacks=[_Plan()]), hessian="exact").fit(X, y)
+    equal = HYDRA(_model(epochs=2, callbacks=[_Plan(2.0)]), hessian="exact").fit(X, y)
+    assert _rel(equal.hypergradients_, plain.hypergradients_) < 1e-12
+    assert _model(epochs=1, callbacks=[TrajectoryRecorder()]).fit(X, y).callbacks_[0].batch_weights_ == [None] * 3
+
+
+def test_recorder_with_adam_then_hydra_refuses():
+    X, y = _data()
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    rec = TrajectoryRecorder()
+    st = TrainState(module=net, optimizer=opt, n_train=N, batch_size=8, total_steps=3, lr=0.01)
+    rec.on_train_begin(st)  # raised KeyError('momentum') before
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    for t in range(3):
+        st.batch_indices = np.arange(8 * t, 8 * t + 8)
+        loss = torch.nn.functional.cross_entropy(net(Xt[st.batch_indices]), yt[st.batch_indices])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        st.step, st.loss = st.step + 1, float(loss.detach())
+        rec.on_batch_end(st)
+    rec.on_epoch_end(st)
+    assert rec.optimizer_ == "Adam" and rec.momentum_ is None and len(rec.checkpoints_) == 2
+    with pytest.raises(ValueError, match=r"torch\.optim\.SGD only \(momentum, weight decay") as e:
+        HYDRA(_model(epochs=1), trajectory=rec).fit(X, y)
+    assert "Adam" in str(e.value)
+
+
+def test_warns_when_model_is_fitted_or_recipe_differs_from_recording():
+    X, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HYDRA(_model(epochs=1)).fit(X, y)  # unfitted: no warning
+        m, rec = _recorded(X, y, epochs=2)
+        HYDRA(_model(epochs=2), trajectory=rec).fit(X, y)  # same recipe: no warning
+    with pytest.warns(UserWarning, match="already fitted.*TrajectoryRecorder.*trajectory="):
+        HYDRA(_model(epochs=1).fit(X, y)).fit(X, y)
+    with pytest.warns(UserWarning, match=r"recorded run.*momentum 0\.5 \(recorded 0\.9\).*epochs 3"):
+        h = HYDRA(_model(epochs=3, momentum=0.5), trajectory=rec).fit(X, y)
+    for k, v in m.module_.state_dict().items():  # the recording is what was followed
+        torch.testing.assert_close(h.model_.module_.state_dict()[k], v)
+    with pytest.warns(UserWarning, match="lr 0.1"):
+        HYDRA(_model(epochs=2, lr=0.1), trajectory=rec).fit(X, y)
+
+
+def test_own_prediction_with_vanishing_loss_gradient_raises():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(16, D_IN))
+    yr = X @ rng.normal(size=D_IN)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D_IN, 5), nn.Tanh(), nn.Dropout(p=0.0), nn.Linear(5, 1))  # p=0: identity
+    m = TorchModel(net, task="regression", epochs=2, batch_size=8, dtype="float64", random_state=0)
+    h = HYDRA(m).fit(X, yr)
+    for f in (lambda: h.attribute(X[:3]), lambda: h.transform(X[:3])):
+        with pytest.raises(ValueError, match="own prediction.*pass the targets|Pass the targets"):
+            f()
+    with pytest.raises(ValueError, match="y_target"):
+        HYDRA(m, mode="lean").fit(X, yr, X_target=X[:3])
+    S = h.attribute(X[:3], yr[:3])  # with y: the scores, not zeros
+    assert np.abs(S).max() > 0
+    # classification at its own prediction: the cross-entropy's gradient is not zero
+    X, y = _data()
+    h = HYDRA(_model(epochs=1)).fit(X, y)
+    pred = h.model_.predict(X[:3])
+    np.testing.assert_allclose(h.transform(X[:3]), h.attribute(X[:3], pred), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"Dropout\(p=0\.5"):
+        net = nn.Sequential(nn.Linear(D_IN, 5), nn.Dropout(p=0.5), nn.Linear(5, C))
+        HYDRA(TorchModel(net, epochs=1)).fit(X, y)

@@ -16,7 +16,9 @@ positive means the example helped, as for every skattr attributor.  (The paper's
 from __future__ import annotations
 
 import copy
+import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -36,6 +38,12 @@ from ..training import Callback, TrajectoryRecorder, learning_rate_at
 from .base import BaseAttributor
 
 __all__ = ["HYDRA"]
+
+_OWN_PREDICTION = (
+    "y=None scores the loss at the network's own prediction, and its gradient is zero for every "
+    "target here (as for a squared error, e.g. regression): every score would be 0. Pass the "
+    "targets' labels: {where}."
+)
 
 
 def _copy_trajectory(rec):
@@ -67,6 +75,7 @@ class _Hook(Callback):
         self.inner = self.build(state.module, mu, wd, Xt, yt)
 
     def on_batch_begin(self, state):
+        _hg.check_batch_weights(state.batch_weights, state.step)
         self.inner.on_batch_begin(state)
 
     def on_batch_end(self, state):
@@ -269,6 +278,7 @@ class HYDRA(BaseAttributor):
         if not hasattr(rec, "checkpoints_") or not rec.checkpoints_:
             raise ValueError("The TrajectoryRecorder has not recorded a training run yet.")
         _hg.check_sgd_state(rec.optimizer_states_[0])
+        _hg.check_unweighted(rec)
         if int(rec.n_train_) != n:
             raise ValueError(
                 f"The trajectory was recorded on {rec.n_train_} training examples, fit got {n}: "
@@ -279,6 +289,30 @@ class HYDRA(BaseAttributor):
         hi = max(int(np.max(b)) for b in rec.batches_)
         if hi >= n:
             raise ValueError(f"The trajectory's batches index example {hi}, beyond n_train={n}.")
+
+    def _warn_recipe(self, rec, n):
+        """``UserWarning`` when the model's recipe is not the recorded run's."""
+        m, diff = self.model, []
+        bs = getattr(rec, "batch_size_", None)
+        if bs is not None and int(bs) != int(m.batch_size):
+            diff.append(f"batch_size {m.batch_size} (recorded {bs})")
+        for name in ("momentum", "weight_decay"):
+            r = getattr(rec, name + "_", None)
+            if r is not None and not math.isclose(float(r), float(getattr(m, name)), rel_tol=1e-9):
+                diff.append(f"{name} {getattr(m, name)} (recorded {r})")
+        steps = len(rec.batches_)
+        planned = int(m.epochs) * -(-n // int(bs or m.batch_size))
+        if steps != planned:
+            diff.append(f"epochs {m.epochs} ({planned} steps; recorded {steps} steps)")
+        elif not np.allclose(self._planned_lrs(n), np.asarray(rec.lrs_, dtype=float), rtol=1e-9, atol=0):
+            diff.append(f"lr {m.lr} / lr_schedule {m.lr_schedule!r} (the recorded learning rates differ)")
+        if diff:
+            warnings.warn(
+                "HYDRA follows the recorded run (trajectory=...), not the model's training recipe, "
+                f"which differs from it: {'; '.join(diff)}. The scores and model_'s network are "
+                "those of the recording; model_'s parameters (epochs, lr, ...) stay the model's.",
+                UserWarning, stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ fit
     def _projector(self, model):
@@ -336,6 +370,15 @@ class HYDRA(BaseAttributor):
         _hg.check_followable(self.model.module)
 
         rec = self.trajectory
+        if rec is None and hasattr(self.model, "module_"):
+            warnings.warn(
+                "The model passed to HYDRA is already fitted, but HYDRA does not use its trained "
+                "network: it re-initialises a clone (seeded by the model's random_state) and trains "
+                "it with the model's recipe (epochs, lr, batch_size, momentum, weight_decay, "
+                "lr_schedule), following that run. To attribute a run of your own, train with "
+                "callbacks=[TrajectoryRecorder()] and pass HYDRA(model, trajectory=recorder).",
+                UserWarning, stacklevel=2,
+            )
         replayed = rec is not None or self.mode == "lean"
         if rec is None and self.mode == "vector":
             self._fit_training(X, y)
@@ -348,6 +391,7 @@ class HYDRA(BaseAttributor):
                 self.model_ = model
             else:
                 self._check_trajectory(rec, n)
+                self._warn_recipe(rec, n)
                 rec = _copy_trajectory(rec)
                 self.model_ = None
             self.trajectory_ = rec
@@ -455,6 +499,8 @@ class HYDRA(BaseAttributor):
         self.target_fingerprint_ = data_hash(Xtar, ytar)
         net_T = final.network()
         rx = self._records(src, net_T, final.to_tensor(Xtar), yenc)
+        if ytar is None and not bool((_hg.row_dots(rx, rx) != 0).any()):
+            raise ValueError(_OWN_PREDICTION.format(where="fit(X, y, X_target, y_target=...)"))
         rself = None
         if self.lean_self_influence:
             tr = torch.as_tensor(self.track_)
@@ -544,6 +590,8 @@ class HYDRA(BaseAttributor):
             return self.lean_scores_.copy()
         X = self._check_X(X)
         G = self._target_features(X, self._check_y(y))
+        if y is None and not bool((G != 0).any()):
+            raise ValueError(_OWN_PREDICTION.format(where="attribute(X, y) instead of attribute(X) or transform(X)"))
         D = torch.from_numpy(self.hypergradients_).to(G.device)
         S = np.full((X.shape[0], self.n_train_), np.nan)
         S[:, self.track_] = (-(G @ D.T)).cpu().numpy()
