@@ -338,14 +338,15 @@ class TorchModel(BaseEstimator):
             torch.manual_seed(seed)
             if not _has_lazy(net):
                 net.to(device=self.device_, dtype=self.torch_dtype_)
-            self._materialise(net, Xt)
+            with _input_context(net, X):
+                self._materialise(net, Xt)
             net.to(device=self.device_, dtype=self.torch_dtype_)
             if not self.warm_start:
                 for m in net.modules():
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
         self._check_trainable(net)
-        with torch.no_grad():
+        with torch.no_grad(), _input_context(net, X):
             z = net.eval()(Xt[: min(2, len(Xt))])
         self._n_outputs = 1 if z.ndim == 1 else int(z.shape[-1])
         if self.task == "classification":
@@ -711,6 +712,39 @@ def _token_ids(X, name_emb, emb, *, name="X"):
     if tensor:
         return X if X.dtype in (torch.int64, torch.int32) else X.to(torch.int64)
     return X if X.dtype in (np.int64, np.int32) else X.astype(np.int64)
+
+
+class _input_context:
+    """Re-raise a ``RuntimeError`` of the first forward pass on ``X`` as a ``ValueError`` naming
+    ``X``'s shape and what the network's first Linear / convolution layer expects (the original
+    error as ``__cause__``)."""
+
+    def __init__(self, net, X):
+        self.net, self.X = net, X
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or not issubclass(kind, RuntimeError):
+            return False
+        shape = tuple(self.X.shape)
+        expects = "its input"
+        for name, m in self.net.named_modules():
+            conv = isinstance(m, torch.nn.modules.conv._ConvNd)
+            if conv and not isinstance(m.in_channels, torch.nn.parameter.UninitializedParameter):
+                k = len(m.kernel_size)
+                expects = (f"(n, {m.in_channels}{', L' * k}) inputs ({m.in_channels} channels, "
+                           f"{k} spatial dimension(s); layer {name!r}, {type(m).__name__})")
+                break
+            if isinstance(m, torch.nn.Linear) and not isinstance(m, torch.nn.LazyLinear):
+                expects = (f"inputs whose last dimension is {m.in_features} (layer {name!r}, "
+                           f"Linear({m.in_features}, {m.out_features}))")
+                break
+        raise ValueError(
+            f"X has shape {shape} but the network's first layer expects {expects}: the first "
+            f"forward pass failed ({str(exc).splitlines()[0]}). Check X's shape and feature count."
+        ) from exc
 
 
 def _output_records(records, j):

@@ -106,6 +106,22 @@ def test_one_dimensional_X_to_torchmodel(data):
         TorchModel(make_mlp()).fit(X[:, 0], y)
 
 
+@pytest.mark.parametrize("shape", [(6, 4), (6, 5, 1)])
+def test_wrongly_shaped_X_at_fit_names_the_first_layer(data, shape):
+    from skattr.estimators.hydra import HYDRA
+
+    model, X, y = data
+    Xb = np.resize(X, shape)
+    for fit in (lambda: TorchModel(make_mlp(), epochs=1).fit(Xb, y),
+                lambda: HYDRA(TorchModel(make_mlp(), epochs=1)).fit(Xb, y)):
+        with pytest.raises(ValueError, match=rf"X has shape \({shape[0]}, {shape[1]}.* first layer "
+                           r"expects inputs whose last dimension is 5 \(layer '0', Linear") as e:
+            fit()
+        assert isinstance(e.value.__cause__, RuntimeError)  # the original error is kept
+    with pytest.raises(ValueError, match=r"X has shape \(6, 5\) .*expects \(n, 2, L\) inputs"):
+        TorchModel(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.LazyLinear(3)), epochs=1).fit(X, y)
+
+
 @pytest.mark.parametrize("cls", KERNELS + [KernelSurrogate])
 def test_wrong_number_of_features_at_transform(data, cls):
     model, X, _ = data
