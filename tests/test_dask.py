@@ -66,9 +66,9 @@ class KillNet(torch.nn.Module):
 
 class KillStore(FeatureStore):
     """A feature store whose read of block ``kill_block`` in a process other than ``parent``
-    kills that process (``mode="exit"``: once, while the file ``sentinel`` exists;
-    ``"always"``: every time) or raises (``"raise"``, once): a worker dying or failing while it
-    reads its block for the Gram matrix or the scores."""
+    kills that process (``mode="exit"``: once, while the file ``sentinel`` exists, which it
+    deletes; ``"always"``: every time) or raises (``"raise"``, every time): a worker dying or
+    failing while it reads its block for the Gram matrix or the scores."""
 
     kill_block, sentinel, mode, parent = None, None, "exit", None
 
@@ -76,10 +76,10 @@ class KillStore(FeatureStore):
         if b == self.kill_block and os.getpid() != self.parent:
             if self.mode == "always":
                 os._exit(3)
+            if self.mode == "raise":
+                raise ValueError("simulated failure reading a block")
             if self.sentinel and os.path.exists(self.sentinel):
                 os.remove(self.sentinel)
-                if self.mode == "raise":
-                    raise ValueError("simulated failure reading a block")
                 os._exit(3)
         return super().read(m, b, mmap)
 
@@ -311,7 +311,7 @@ def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path)
         with pytest.raises(BlockError, match=r"Scoring training block 3 failed on worker \S+:\d+: "
                                              r"ValueError: simulated failure reading a block"):
             _within(180, lambda: trak.attribute(Xt, yt, out=tmp_path / "s"))
-        assert not Path(st.sentinel).exists()
+        st.__class__ = FeatureStore
         folder = tmp_path / "s"
         kept = {f.name: f.read_text() for f in folder.glob("*.done")}
         assert "m000_b000003.done" not in kept
@@ -320,7 +320,7 @@ def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path)
         assert len(list(folder.glob("*.done"))) == 8
         np.testing.assert_array_equal(np.asarray(out), S)
 
-        st.mode = "always"
+        st.__class__, st.mode = KillStore, "always"
         set_allowed(0)
         # the tasks queued on the dying worker fail with it: the error names the first of them
         with pytest.raises(BlockError, match=r"worker running the Gram product of block \d of "
