@@ -17,6 +17,11 @@ rate, batch 64), timed as
 each as a ratio to the plain training time (median of ``--repeats``, all runs interleaved
 round-robin after one warm-up each), in wall-clock seconds and in this process's CPU seconds.
 
+Part ``lean``: only plain training and the four lean replays (100 targets or their mean, with
+or without ``lean_self_influence``) of ``speed``, round-robin, this process's CPU seconds: the
+median over the rounds of each replay's CPU time over the same round's training, and every
+round's ratio.
+
 Part ``error``: a small MLP (64-16-10) on 200 digits, trained for 1 ... 16 epochs; the relative
 error of the Hessian-free and Gauss-Newton hypergradients (and of their scores on 100 test
 points) against the exact ones (``hessian="exact"`` equals autograd through the unrolled run to
@@ -32,6 +37,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py                # both parts (a few minutes)
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part ab --old /tmp/old --repeats 5
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part error
+    OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --part lean --repeats 15
     OMP_NUM_THREADS=1 python benchmarks/bench_hydra.py --quick
 """
 
@@ -153,6 +159,46 @@ def part_speed(args):
                 ["what"] + [f"round {i + 1}" for i in range(len(tr))],
                 title="Every round: wall seconds over the same round's training "
                       f"(training {', '.join(f'{t:.3f}' for t in tr)} s)")
+
+
+def part_lean(args):
+    X, y = load_digits_data()
+    n = 300 if args.quick else 1500
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:n + 100], y[n:n + 100]
+    epochs = 2 if args.quick else args.epochs
+
+    def train():
+        return _recipe(make_mlp(), epochs, callbacks=[TrajectoryRecorder()]).fit(Xtr, ytr)
+
+    rec = train().callbacks_[0]
+
+    def lean(**kw):
+        return HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec, **kw).fit(
+            Xtr, ytr, X_target=Xte, y_target=yte)
+
+    variants = {"none": {}, "mean": dict(target_reduction="mean"),
+                "none, no self-influence": dict(lean_self_influence=False),
+                "mean, no self-influence": dict(target_reduction="mean", lean_self_influence=False)}
+    runs = {"train": train, **{k: (lambda kw=kw: lean(**kw)) for k, kw in variants.items()}}
+    cs = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(max(1, args.repeats)):
+        for k, fn in runs.items():
+            c0 = time.process_time()
+            fn()
+            cs[k].append(time.process_time() - c0)
+    tr = np.asarray(cs["train"])
+    rows = []
+    for k in variants:
+        r = np.asarray(cs[k]) / tr
+        rows.append([k, float(np.median(cs[k])), float(np.median(r)), int(np.sum(r <= 1.5)),
+                     " ".join(f"{v:.2f}" for v in r)])
+    print_table(rows, ["lean replay (target_reduction, self-influence)", "CPU s", "x training (CPU, median of rounds)",
+                       "rounds <= 1.5", "every round"],
+                title=f"Lean replays, {len(Xte)} targets, {n} digits, {epochs} epochs; training CPU "
+                      f"median {np.median(tr):.3f} s; {args.repeats} rounds; load average "
+                      f"{os.getloadavg()[0]:.1f} at the end")
 
 
 def _tiny(seed=0):
@@ -284,7 +330,7 @@ def part_ab(args):
 
 def main():
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    ap.add_argument("--part", choices=["speed", "error", "exactness", "ab", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "lean", "error", "exactness", "ab", "all"], default="all")
     ap.add_argument("--old", default=None, help="--part ab: an older checkout to compare with")
     ap.add_argument("--error-lrs", type=float, nargs="+", default=[0.2, 0.05],
                     help="peak learning rates of the error table's runs")
@@ -299,6 +345,8 @@ def main():
         part_exactness(args)
     if args.part == "ab":
         part_ab(args)
+    if args.part == "lean":
+        part_lean(args)
 
 
 if __name__ == "__main__":
