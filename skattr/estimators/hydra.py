@@ -117,7 +117,8 @@ class HYDRA(BaseAttributor):
         ``"vector"`` keeps ``d_i`` (or ``P d_i``) and attributes any target; ``"lean"`` keeps one
         scalar per training example and target for the targets given to :meth:`fit`
         (``X_target``, ``y_target``) through a deterministic replay of the training
-        (O(n_train x n_targets) memory, exact inner products, Hessian-free).
+        (O(n_train x n_targets) memory, or O(n_train) with ``target_reduction="mean"``;
+        exact inner products, Hessian-free).
     target_reduction : {"none", "mean"}, default="none"
         ``mode="lean"``: ``"none"`` scores every target given to :meth:`fit` (one row each);
         ``"mean"`` scores one objective, the mean of the targets' losses
