@@ -293,6 +293,7 @@ class ClosedFormRecursion:
 
     uses_records = True
     flush_rows = 512  # examples buffered before one projection (larger products, less overhead)
+    flat_block = 1 << 22  # full vectors: products per row block of a flush
 
     def __init__(self, source, tracked, n_train, coefficients, dim, device):
         self.source = source
@@ -303,6 +304,7 @@ class ClosedFormRecursion:
         self.D = torch.zeros(len(self.tracked), dim, dtype=torch.float64, device=device)
         self._buf, self._n = [], 0
         self._fixed = None
+        self._flat = None  # full vectors: reused product buffers (float32 / float64) and rows per block
 
     def add(self, t, rows, recs, lr):
         if not len(rows):
@@ -346,7 +348,10 @@ class ClosedFormRecursion:
     def _flush(self):
         if self._fixed:
             n, self._n = self._n, 0
-            if n:
+            flat = self.source.projector is None and all(db.shape[2] == 1 for _, _, db in self._recs)
+            if n and flat:
+                self._flush_flat(n)
+            elif n:
                 recs = [_grad.KronRecord(key, xb[:n], db[:n], False) for key, xb, db in self._recs]
                 self.D.index_add_(0, self._rows[:n], self.source.project(recs))
             return
@@ -357,6 +362,39 @@ class ClosedFormRecursion:
         g = self.source.project(recs)
         self.D.index_add_(0, torch.as_tensor(rows, device=self.D.device), g)
         self._buf, self._n = [], 0
+
+    def _flush_flat(self, n):
+        """Full vectors: each layer's outer products ``d x^T`` (and bias ``d``) added straight
+        into its columns of ``D`` (the values of ``source.project`` without forming the
+        gradient matrix, reordering it into parameter order, concatenating the layers and
+        converting the whole to float64: the same products and sums, bit for bit)."""
+        layers = []
+        for key, xb, db in self._recs:
+            bias = key.endswith("+bias")
+            # d (a_t folded in), x without the ones column
+            layers.append((db[:, 0, 0], xb[:, 0, :-1] if bias else xb[:, 0], bias))
+        kmax = max(d.shape[1] * x.shape[1] for d, x, _ in layers)
+        if self._flat is None:
+            # row blocks of at most flat_block products, in buffers reused for the whole run (fresh
+            # allocations of the whole flush's gradients spent their time in page faults)
+            rb = max(1, min(self._rows.shape[0], self.flat_block // kmax))
+            self._flat = (torch.empty(rb * kmax, dtype=layers[0][0].dtype, device=self.D.device),
+                          torch.empty(rb * kmax, dtype=torch.float64, device=self.D.device), rb)
+        g32, g64, rb = self._flat
+        for r0 in range(0, n, rb):
+            r1 = min(n, r0 + rb)
+            rows, m, off = self._rows[r0:r1], r1 - r0, 0
+            for d, x, bias in layers:
+                d, x = d[r0:r1], x[r0:r1]
+                k = d.shape[1] * x.shape[1]
+                g = g32[: m * k].view(m, d.shape[1], x.shape[1])
+                torch.mul(d[:, :, None], x[:, None, :], out=g)
+                g = g64[: m * k].view(m, k).copy_(g.view(m, k))
+                self.D[:, off : off + k].index_add_(0, rows, g)
+                off += k
+                if bias:  # the ones column's products: d itself
+                    self.D[:, off : off + d.shape[1]].index_add_(0, rows, d.to(torch.float64))
+                    off += d.shape[1]
 
     def finish(self):
         self._flush()

@@ -792,3 +792,29 @@ def test_own_prediction_with_vanishing_loss_gradient_raises():
     with pytest.raises(ValueError, match=r"Dropout\(p=0\.5"):
         net = nn.Sequential(nn.Linear(D_IN, 5), nn.Dropout(p=0.5), nn.Linear(5, C))
         HYDRA(TorchModel(net, epochs=1)).fit(X, y)
+
+
+def test_full_vector_flush_equals_projection_path_bitwise(monkeypatch):
+    """The full-vector flush (outer products added into D's columns, in reused row blocks)
+    gives the bits of ``source.project`` on the buffered records (float32 network, repeated
+    rows in one flush, a layer without bias, several row blocks)."""
+    X, y = _data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C, bias=False))
+    model = TorchModel(net, epochs=4, batch_size=8, lr=0.3, momentum=0.9, weight_decay=0.05,
+                       lr_schedule="cosine", random_state=0)
+    from skattr.gradients import KronRecord
+
+    monkeypatch.setattr(hg.ClosedFormRecursion, "flush_rows", 40)
+    monkeypatch.setattr(hg.ClosedFormRecursion, "flat_block", 100)  # blocks of 3 rows
+    new = HYDRA(model).fit(X, y)
+
+    def old(self, n):
+        recs = [KronRecord(key, xb[:n], db[:n], False) for key, xb, db in self._recs]
+        self.D.index_add_(0, self._rows[:n], self.source.project(recs))
+
+    monkeypatch.setattr(hg.ClosedFormRecursion, "_flush_flat", old)
+    ref = HYDRA(model).fit(X, y)
+    assert new.hypergradients_.dtype == np.float64 and np.abs(new.hypergradients_).max() > 0
+    np.testing.assert_array_equal(new.hypergradients_, ref.hypergradients_)
+    np.testing.assert_array_equal(new.self_influence(), ref.self_influence())

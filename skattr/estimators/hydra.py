@@ -101,10 +101,18 @@ class HYDRA(BaseAttributor):
     model : TorchModel
         The network and its training recipe (``epochs``, ``batch_size``, ``lr``, ``momentum``,
         ``weight_decay``, ``lr_schedule``, ``random_state``).  Unless ``trajectory`` is given, a
-        clone is trained on the data passed to :meth:`fit` (``model_``).
+        clone is re-initialised and trained on the data passed to :meth:`fit` (``model_``): an
+        already fitted model's network is not used (``UserWarning``); to attribute a run of
+        your own, record it with :class:`~skattr.training.TrajectoryRecorder` and pass
+        ``trajectory``.  Runs with weighted batches (a callback's ``plan_epoch`` returning loss
+        weights) are refused.
     hessian : {"none", "gauss-newton", "exact"}, default="none"
-        The curvature term ``H_t d_i`` of the recursion: dropped (HYDRA's Hessian-free version,
-        linear with scalar coefficients: the only one that can be projected or replayed lean),
+        The curvature term ``H_t d_i`` of the recursion: dropped (HYDRA's Hessian-free
+        *approximation*, linear with scalar coefficients: the only one that can be projected or
+        replayed lean; its ``d_i`` is not the derivative of the run, and beyond short runs or
+        small step sizes its scores can be several times the exact ones and rank the examples
+        differently: see the accuracy section of the HYDRA page and ``benchmarks/README.md``;
+        use ``"exact"`` (or ``"gauss-newton"``) on a tracked subset to check),
         the batch loss's generalised Gauss-Newton matrix, or its exact Hessian (Hessian-vector
         products by ``torch.func``; for small models).  The curvature modes carry full
         parameter vectors for every tracked example and need ``model.params=None``.
@@ -134,7 +142,9 @@ class HYDRA(BaseAttributor):
     trajectory : TrajectoryRecorder or None, default=None
         Replay this recorded run (its first checkpoint, batches, learning rates and optimizer
         settings) instead of training; checked step by step against the recorded losses and
-        checkpoints (a different data set or architecture raises a ``ValueError``).
+        checkpoints (a different data set or architecture raises a ``ValueError``).  The
+        recording is followed even where ``model``'s recipe differs (a ``UserWarning`` names
+        the differences); ``model_``'s parameters stay ``model``'s.
     batch_size : int or None, default=None
         Examples per gradient batch when scoring targets (default: the model's
         ``batch_size_eval``).
@@ -449,7 +459,8 @@ class HYDRA(BaseAttributor):
 
     def _finish_vector(self, recursion, X, y, source):
         D = recursion.finish()
-        if not bool(torch.isfinite(D).all()):
+        # the sum is finite when every entry is (an overflow of finite entries is then checked)
+        if not math.isfinite(float(D.sum())) and not bool(torch.isfinite(D).all()):
             raise FloatingPointError(
                 "The hypergradients became NaN or infinite: the recursion diverged (with "
                 f"hessian={self.hessian!r}, a step size too large for the curvature); lower the learning rate."
@@ -459,10 +470,13 @@ class HYDRA(BaseAttributor):
         self.coefficients_ = _hg.lean_coefficients(self.trajectory_.lrs_, self.trajectory_.momentum_,
                                                    self.trajectory_.weight_decay_)
         self.lean_scores_ = None
-        # self-influence: -grad l_i(theta_T) . d_i
-        Xs = X[self.track_]
-        G = self._target_features(Xs, y[self.track_])
-        self.self_influence_ = -(G * D).sum(1).cpu().numpy()
+        # self-influence: -grad l_i(theta_T) . d_i, in row blocks of at most 8M numbers
+        rb = max(1, (1 << 23) // max(1, D.shape[1]))
+        si = []
+        for i in range(0, len(self.track_), rb):
+            tr = self.track_[i : i + rb]
+            si.append(-(self._target_features(X[tr], y[tr]) * D[i : i + rb]).sum(1))
+        self.self_influence_ = torch.cat(si).cpu().numpy()
 
     def _fit_replay(self, X, y, X_target, y_target):
         rec = self.trajectory_
