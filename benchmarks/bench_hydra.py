@@ -115,7 +115,8 @@ def part_speed(args):
         "lean": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec).fit(
             Xtr, ytr, X_target=Xte, y_target=yte),
         "lean_mean": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec,
-                                   target_reduction="mean").fit(Xtr, ytr, X_target=Xte, y_target=yte),
+                                   target_reduction="mean").fit(
+            Xtr, ytr, X_target=Xte, y_target=yte),
         "lean_mean_noself": lambda: HYDRA(_recipe(make_mlp(), epochs), mode="lean", trajectory=rec,
                                           target_reduction="mean", lean_self_influence=False).fit(
             Xtr, ytr, X_target=Xte, y_target=yte),
@@ -138,9 +139,10 @@ def part_speed(args):
         "train": ("plain training (TorchModel.fit + recorder)", "-"),
         "proj": (f"HYDRA projection_dim={k}, all {n} examples (trains once)", "<= 2"),
         "lean": (f"HYDRA lean replay, {len(Xte)} targets + self-influence (replays the recorder)", "<= 1.5"),
-        "lean_mean": (f"HYDRA lean replay, target_reduction='mean' ({len(Xte)} targets' mean) + self-influence",
-                      "<= 1.5"),
-        "lean_mean_noself": ("HYDRA lean replay, target_reduction='mean', lean_self_influence=False", "<= 1.5"),
+        "lean_mean": (f"HYDRA lean replay, target_reduction='mean' ({len(Xte)} targets' mean) "
+                      "+ self-influence", "<= 1.5"),
+        "lean_mean_noself": ("HYDRA lean replay, target_reduction='mean', lean_self_influence=False",
+                             "<= 1.5"),
         "lean_full": ("HYDRA lean, training + replay", "-"),
         "exact": (f"HYDRA hessian='exact', {n_exact} tracked", "-"),
         "none_sub": (f"HYDRA hessian='none' (full vectors), {n_exact} tracked", "-"),
@@ -194,8 +196,8 @@ def part_lean(args):
         r = np.asarray(cs[k]) / tr
         rows.append([k, float(np.median(cs[k])), float(np.median(r)), int(np.sum(r <= 1.5)),
                      " ".join(f"{v:.2f}" for v in r)])
-    print_table(rows, ["lean replay (target_reduction, self-influence)", "CPU s", "x training (CPU, median of rounds)",
-                       "rounds <= 1.5", "every round"],
+    print_table(rows, ["lean replay (target_reduction, self-influence)", "CPU s",
+                       "x training (CPU, median of rounds)", "rounds <= 1.5", "every round"],
                 title=f"Lean replays, {len(Xte)} targets, {n} digits, {epochs} epochs; training CPU "
                       f"median {np.median(tr):.3f} s; {args.repeats} rounds; load average "
                       f"{os.getloadavg()[0]:.1f} at the end")
@@ -330,7 +332,8 @@ def part_ab(args):
 
 def main():
     ap = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    ap.add_argument("--part", choices=["speed", "lean", "error", "exactness", "ab", "all"], default="all")
+    ap.add_argument("--part", choices=["speed", "lean", "error", "exactness", "ab", "all"],
+                    default="all")
     ap.add_argument("--old", default=None, help="--part ab: an older checkout to compare with")
     ap.add_argument("--error-lrs", type=float, nargs="+", default=[0.2, 0.05],
                     help="peak learning rates of the error table's runs")

@@ -455,12 +455,13 @@ def test_clone_pickle_round_trip(run):
     h = HYDRA(_model(), mode="lean", target_reduction="mean", lean_self_influence=False).fit(
         X, y, X_target=Xq, y_target=yq)
     c = clone(h)
-    assert c.get_params()["target_reduction"] == "mean" and c.get_params()["lean_self_influence"] is False
+    p = c.get_params()
+    assert p["target_reduction"] == "mean" and p["lean_self_influence"] is False
     h2 = pickle.loads(pickle.dumps(h))
     assert h2.target_reduction == "mean" and h2.lean_self_influence is False
     np.testing.assert_array_equal(h2.attribute(Xq, yq), h.attribute(Xq, yq))
-    np.testing.assert_allclose(c.fit(X, y, X_target=Xq, y_target=yq).attribute(None), h.attribute(None),
-                               rtol=1e-12)
+    np.testing.assert_allclose(c.fit(X, y, X_target=Xq, y_target=yq).attribute(None),
+                               h.attribute(None), rtol=1e-12)
 
 
 def _lazy_model(**kw):

@@ -257,8 +257,8 @@ class HYDRA(BaseAttributor):
             raise ValueError("mode='lean' computes exact inner products; projection_dim must be None.")
         if self.mode != "lean" and self.target_reduction != "none":
             raise ValueError(
-                f"target_reduction={self.target_reduction!r} is for mode='lean' (targets fixed at fit); "
-                "in mode='vector' average the rows of attribute(X, y)."
+                f"target_reduction={self.target_reduction!r} is for mode='lean' (targets fixed at "
+                "fit); in mode='vector' average the rows of attribute(X, y)."
             )
         if self.mode != "lean" and not self.lean_self_influence:
             raise ValueError(
@@ -520,8 +520,8 @@ class HYDRA(BaseAttributor):
         if self.lean_self_influence:
             tr = torch.as_tensor(self.track_)
             rself = self._records(src, net_T, Xt[tr], yt[tr])
-        recursion = _hg.LeanRecursion(src, self.track_, self.n_train_, self.coefficients_, rx, rself,
-                                      reduction=self.target_reduction)
+        recursion = _hg.LeanRecursion(src, self.track_, self.n_train_, self.coefficients_, rx,
+                                      rself, reduction=self.target_reduction)
         hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
         net = _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
         ref = dict(final.network().named_parameters())
