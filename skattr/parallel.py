@@ -98,7 +98,12 @@ def _dask_backend_class():
         its worker died more than ``allowed-failures`` times, or the task could not be
         deserialised) to the waiting future only, never to joblib's completion callback, so
         ``Parallel`` waits for it forever, whatever ``return_as``.  Here the callback gets a
-        :class:`BlockError` naming the task's block."""
+        :class:`BlockError` naming the task's block.  And with one worker up (a one-worker
+        cluster, or one of two restarting) joblib would run the tasks one by one in this
+        process instead of on the cluster: here they go to the cluster."""
+
+        def effective_n_jobs(self, n_jobs):
+            return max(2, super().effective_n_jobs(n_jobs))
 
         def submit(self, func, callback=None):
             what = _describe(func)

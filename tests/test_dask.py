@@ -329,3 +329,18 @@ def test_block_raising_or_killing_every_worker_is_named(client, setup, tmp_path)
     finally:
         trak.store_.__class__ = FeatureStore
         set_allowed(allowed)
+
+
+def test_one_worker_up_still_uses_the_cluster(client, setup, tmp_path, monkeypatch):
+    """With one worker up (a one-worker cluster, or the other restarting) joblib's Dask backend
+    would run the tasks one by one in this process: the score blocks are still written by the
+    cluster's workers, and equal the one-process scores."""
+    model, X, y, Xt, yt = setup
+    trak = TRAK(model, projection_dim=16, block_size=10, store=tmp_path / "f").fit(X, y)
+    S = trak.attribute(Xt, yt)
+    one = dict(list(client.ncores().items())[:1])
+    monkeypatch.setattr(type(client), "ncores", lambda self, *a, **k: one)
+    st = _within(180, lambda: trak.attribute(Xt, yt, out=tmp_path / "s"))
+    writers = {st.marker(0, b)["writer"] for b in range(st.n_blocks)}
+    assert writers and all(w.split(":")[1] != str(os.getpid()) for w in writers)
+    np.testing.assert_array_equal(np.asarray(st), S)
