@@ -7,9 +7,17 @@ assembled from those dense Jacobians with plain ``einsum``.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
+
+# Dask's nanny starts its workers with OMP_NUM_THREADS=1 (distributed's pre-spawn-environ); the
+# test process runs the same way, so float32 products agree bit for bit between the two. With
+# an OpenMP runtime of 2 threads capped to 1 by torch.set_num_threads, BLAS took another path
+# for a ragged row panel (1.3e-8 apart on TRAK scores, tests/test_dask.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
