@@ -105,6 +105,18 @@ def _dask_backend_class():
         def effective_n_jobs(self, n_jobs):
             return max(2, super().effective_n_jobs(n_jobs))
 
+        def start_call(self):
+            # joblib scatters every argument over 1 kB to ONE worker, without replicas: when
+            # that worker dies the data is gone and the task is cancelled ("already
+            # forgotten") instead of rerun.  Without call_data_futures the arguments travel
+            # in the task itself, so Dask can rerun it on another worker.
+            super().start_call()
+            self.call_data_futures = None
+
+        def stop_call(self):
+            self.call_data_futures = {}  # joblib clears it
+            super().stop_call()
+
         def submit(self, func, callback=None):
             what = _describe(func)
 

@@ -258,6 +258,27 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         net.sentinel, net.mode, net.log = None, "exit", None
 
 
+def test_killed_worker_with_arguments_over_1kB_is_rerun(client, setup, tmp_path):
+    """Blocks of 50 rows (1.2 kB of X per task): joblib would scatter such arguments to one
+    worker without replicas, so the task could not be rerun once that worker died ("already
+    forgotten"); skattr's backend sends them with the task, and Dask reruns it."""
+    model, X, y, _, _ = setup
+    kw = dict(projection_dim=16, block_size=50)
+    assert X[:50].nbytes > 1000
+    ref = TRAK(model, **kw, store=tmp_path / "ref").fit(X, y)
+    net = model.module_
+    net.sentinel, net.log = str(tmp_path / "kill-once"), str(tmp_path / "log")
+    Path(net.sentinel).touch()
+    try:
+        trak = TRAK(model, **kw, store=tmp_path / "run")
+        _within(180, lambda: trak.fit(X, y))
+        assert not Path(net.sentinel).exists()  # it ran, and killed its worker
+        np.testing.assert_array_equal(stored_features(trak), stored_features(ref))
+    finally:
+        net.sentinel, net.mode, net.log = None, "exit", None
+        client.wait_for_workers(2, timeout=120)
+
+
 def _kill_store(trak, tmp_path, block, mode):
     st = trak.store_
     st.__class__ = KillStore
