@@ -113,6 +113,7 @@ class _BlockDir(BlockLayout):
     _format = ""
     _arrays = ()
     _kind = "block store"
+    _redo = "fit again"  # what recomputes a block, in error messages
 
     def _header(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -140,9 +141,18 @@ class _BlockDir(BlockLayout):
         diff = [k for k in head if k != "version" and man.get(k) != head[k]]
         if diff:
             k = diff[0]
+            was, now = man.get(k), head[k]
+            if isinstance(was, dict) and isinstance(now, dict):  # name the settings that differ
+                keys = sorted(set(was) | set(now), key=str)
+                parts = ["targets: other X / y" if j == "targets" else
+                         f"{j}={was.get(j)!r}, now {now.get(j)!r}"
+                         for j in keys if was.get(j) != now.get(j)]
+                raise ValueError(
+                    f"The {self._kind} at {self.path} was created for other {k} "
+                    f"({'; '.join(parts)}); use another folder (or delete this one).")
             raise ValueError(
-                f"The {self._kind} at {self.path} was created with {k}={man.get(k)!r}, "
-                f"not {head[k]!r}; use another folder (or delete this one)."
+                f"The {self._kind} at {self.path} was created with {k}={was!r}, "
+                f"not {now!r}; use another folder (or delete this one)."
             )
 
     def _open(self):
@@ -289,14 +299,14 @@ class _BlockDir(BlockLayout):
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(
                 f"{self._kind.capitalize()} block (model {m}, block {b}, rows "
-                f"{self.block_range(b)}) at {self.path} is missing or damaged ({exc}); fit again "
+                f"{self.block_range(b)}) at {self.path} is missing or damaged ({exc}); {self._redo} "
                 "to recompute it (finished blocks are kept)."
             ) from exc
         shape = self._shapes(m, b)[what]
         if A.shape != shape:
             raise ValueError(
                 f"{self._kind.capitalize()} block (model {m}, block {b}) at {self.path} has shape "
-                f"{A.shape}, not {shape}: the folder is damaged; fit again to recompute it."
+                f"{A.shape}, not {shape}: the folder is damaged; {self._redo} to recompute it."
             )
         return A
 
@@ -494,6 +504,7 @@ class ScoreStore(_BlockDir):
     _format = _SCORE_FORMAT
     _arrays = ("s",)
     _kind = "score store"
+    _redo = "call attribute(X, y, out=<this folder>) again"
 
     def __init__(self, path, *, n_targets, n_train, block_size, dtype="float64", meta=None):
         self.n_targets, self.n_rows = int(n_targets), int(n_train)

@@ -81,7 +81,7 @@ def test_many_processes_write_one_store(tmp_path):
 def test_store_of_another_configuration_is_refused(tmp_path):
     st = FeatureStore(tmp_path, n_rows=5, dim=3, n_models=1, block_size=2, meta={"k": 3})
     st.write(0, 0, np.ones((2, 3)), np.zeros(2))
-    with pytest.raises(ValueError, match=f"{tmp_path}.*created with meta=.*'k': 3"):
+    with pytest.raises(ValueError, match=f"{tmp_path}.*created for other meta \\(k=3, now 4\\)"):
         FeatureStore(tmp_path, n_rows=5, dim=3, n_models=1, block_size=2, meta={"k": 4})
     with pytest.raises(ValueError, match="created with block_size=2"):
         FeatureStore(tmp_path, n_rows=5, dim=3, n_models=1, block_size=3, meta={"k": 3})
@@ -162,8 +162,12 @@ def test_scores_written_blockwise(setup, tmp_path):
     trak.attribute(Xt, yt, out=tmp_path / "s2")
     assert _tokens(ScoreStore(tmp_path / "s2", n_targets=11, n_train=90, block_size=20,
                               meta=st2.meta)) == before
-    with pytest.raises(ValueError, match="score store at .*s2 was created with meta"):
+    with pytest.raises(ValueError, match=r"score store at .*s2 was created for other meta \(targets: other X / y\)"):
         trak.attribute(Xt[:11] + 1, yt, out=tmp_path / "s2")
+    st._file(0, 1, "s").unlink()  # a lost score block: the error says what recomputes it
+    with pytest.raises(ValueError, match=r"block 1.*missing.*call attribute\(X, y, out=<this folder>\) again"):
+        np.asarray(st)
+    np.testing.assert_array_equal(np.asarray(trak.attribute(Xt, yt, out=tmp_path / "s1")), S)
     for res in (tk, trak.top_k(Xt, yt, k=7), st.top_k(7)):
         pro = np.argsort(-S, axis=1, kind="stable")[:, :7]
         opp = np.argsort(S, axis=1, kind="stable")[:, :7]
