@@ -199,7 +199,8 @@ class InfluenceFunction(BaseAttributor):
     -----
     The model's training data are kept (``"cg"`` / ``"lissa"`` need HVPs of the training loss
     whenever targets are scored; every solver recomputes exact training gradients for
-    ``self_influence()`` when ``projection_dim`` is set).  See ``docs/influence.md``.
+    ``self_influence()`` when ``projection_dim`` is set).  See the documentation page
+    ``influence.html``.
 
     Examples
     --------

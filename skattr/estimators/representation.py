@@ -480,7 +480,7 @@ class RepresentationTracer(BaseAttributor):
     def top_k(self, X, y=None, k=10, *, layer=None):
         """The ``k`` strongest proponents and opponents of each sample, for the traced layers
         summed (``layer=None``) or for one: the paper ranks by one late layer, whose top
-        proponents are the most class-consistent (``docs/representation.md``).
+        proponents are the most class-consistent (documentation page ``representation.html``).
 
         Returns
         -------
