@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -50,6 +52,9 @@ from sklearn.datasets import load_digits
 
 from skattr import TorchModel
 from skattr.estimators import TRAK
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import proc_status  # noqa: E402
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="TRAK attributes one model")  # measured, not advice
@@ -162,14 +167,6 @@ def part_scale(a):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def part_memory(a):
     import skattr
     from skattr.featurize import Featurizer, encode_targets
@@ -192,9 +189,9 @@ def part_memory(a):
     run(4 * a.block)  # warm-up: workers import skattr, the projector is built
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     st = run(a.n)
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     feats = st.F[0].nbytes
     print(f"featurisation of {a.n:,} rows into memory, k={a.k}, blocks of {a.block}, n_jobs=2 "
           f"(loky), skattr from {Path(skattr.__file__).parent}")

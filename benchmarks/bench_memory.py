@@ -34,15 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import print_table  # noqa: E402
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from common import print_table, proc_status  # noqa: E402
 
 
 def build(net):
@@ -69,9 +61,9 @@ def child(spec):
     TraceNTK(model, batch_size=2, **kw).fit(X[:4])  # imports and lazy initialisation
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     est = TraceNTK(model, batch_size=spec["n"], **kw).fit(X)
-    peak = _status("VmHWM")
+    peak = proc_status("VmHWM")
     feats = est.features_
     print(json.dumps({"growth": peak - base, "result": feats.numel() * feats.element_size(),
                       "engine": est.engine_["engine"]}))

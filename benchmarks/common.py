@@ -36,6 +36,15 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ environment
+def proc_status(field: str) -> int:
+    """A byte count of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads; 0 keeps torch's default (default: 1, "
