@@ -398,6 +398,11 @@ def test_a_broken_run_warns_that_noise_dominates():
         broken = LossKernel(model, n_chains=2, n_draws=120, thin=1, random_state=0,
                             step_size=healthy.step_size_ / 100).fit(X, y)
     assert "ess_" in str(rec[0].message)
+    # a fixed step is told about 'auto'; a run that used 'auto' is not told to use it
+    assert "Use step_size='auto'" in str(rec[0].message)
+    with pytest.warns(SamplerDiagnosticWarning) as rec_auto:
+        LossKernel(model, n_chains=2, n_draws=10, thin=1, random_state=0).fit(X, y)
+    assert rec_auto and not any("Use step_size='auto'" in str(w.message) for w in rec_auto)
     assert broken.ess_.sum() < 100 < healthy.ess_.sum()
     assert broken.split_half_reliability_ < healthy.split_half_reliability_
     # a step 100x too large is refused outright (the localisation term overshoots w*)

@@ -447,8 +447,9 @@ class LossKernel(TransformerMixin, BaseEstimator):
             warnings.warn(
                 "LossKernel: " + "; ".join(problems) + f". Effective draws per chain (ess_): "
                 f"{np.round(self.ess_, 1).tolist()} with step_size={self.step_size_:.3g}, "
-                f"thin={self.thin_}, n_draws={self.n_draws}. Use step_size='auto', or raise "
-                "thin, n_draws or n_chains; check loss_traces_ (the loss should rise above "
+                f"thin={self.thin_}, n_draws={self.n_draws}. "
+                + ("Raise" if self.step_size == "auto" else "Use step_size='auto', or raise")
+                + " thin, n_draws or n_chains; check loss_traces_ (the loss should rise above "
                 "init_loss_ and plateau).",
                 SamplerDiagnosticWarning,
                 stacklevel=3,
