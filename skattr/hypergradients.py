@@ -252,15 +252,23 @@ class BatchCapture:
     def __init__(self, net, prefixes, x_probe):
         self.specs = _grad.selected_modules(net, prefixes)
         self.capture = LayerCapture({n: mod for n, (mod, _) in self.specs.items()})
-        self.ok = (_grad.structured_support(net, prefixes) is None
-                   and not _grad.has_tied_parameters(self.specs)
-                   and not any(getattr(m, "inplace", False) for m in net.modules()))
+        unsupported = _grad.structured_support(net, prefixes)
+        if unsupported is not None:
+            self.reason = f"the structured records do not cover it ({unsupported})"
+        elif _grad.has_tied_parameters(self.specs):
+            self.reason = "it has tied (shared) parameters"
+        elif any(getattr(m, "inplace", False) for m in net.modules()):
+            self.reason = "it has in-place operations (inplace=True)"
+        else:
+            self.reason = None
+        self.ok = self.reason is None
         if self.ok:  # every selected layer called exactly once per forward
             self.capture.install().begin()
             with torch.no_grad():
                 net(x_probe)
             self.ok = all(len(c) == 1 for c in self.capture.end().values())
             if not self.ok:
+                self.reason = "a layer is called more than once per forward pass"
                 self.remove()
 
     def remove(self):
@@ -742,9 +750,19 @@ class RecursionHook(Callback):
         self.recursion, self.source, self.Xt, self.yt = recursion, source, Xt, yt
         self.lrs = lrs
         self.capture = None
-        if recursion.uses_records and (FUSED if fused is None else fused):
+        if not recursion.uses_records:
+            self.engine = {"engine": "curvature", "reason": "hessian='exact' / 'gauss-newton': "
+                           "every tracked example's full vector, with torch.func products each step"}
+        elif not (FUSED if fused is None else fused):
+            self.engine = {"engine": "separate pass", "reason": "fused=False"}
+        else:
             cap = BatchCapture(net, source.prefixes, Xt[:2])
             self.capture = cap if cap.ok else None
+            self.engine = (
+                {"engine": "step capture", "reason": "per-example gradients read off the training "
+                 "step's own forward and backward pass"} if cap.ok else
+                {"engine": "separate pass", "reason": "per-example gradients of the step's batch "
+                 f"in a second pass: the step's own pass cannot give them, {cap.reason}"})
         self.t = 0
         self.n_fallback = 0
 

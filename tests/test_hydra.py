@@ -819,3 +819,25 @@ def test_full_vector_flush_equals_projection_path_bitwise(monkeypatch):
     assert new.hypergradients_.dtype == np.float64 and np.abs(new.hypergradients_).max() > 0
     np.testing.assert_array_equal(new.hypergradients_, ref.hypergradients_)
     np.testing.assert_array_equal(new.self_influence(), ref.self_influence())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_engine_says_where_the_step_gradients_came_from(inplace, capsys):
+    """engine_ names the path: the step's own pass, or a second pass and why (an in-place ReLU
+    here); both give the same hypergradients, and verbose=1 prints it."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(24, 5)).astype("float32")
+    y = (X[:, 0] > 0).astype(int)
+
+    def fit(inpl, **kw):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=inpl), nn.Linear(8, 2))
+        return HYDRA(TorchModel(net, epochs=2, batch_size=8, random_state=0), **kw).fit(X, y)
+
+    h = fit(inplace, verbose=1)
+    assert h.engine_["engine"] == ("separate pass" if inplace else "step capture")
+    assert ("in-place" in h.engine_["reason"]) == inplace
+    assert f"gradient engine {h.engine_['engine']!r}" in capsys.readouterr().out
+    np.testing.assert_allclose(h.hypergradients_, fit(not inplace).hypergradients_, rtol=1e-5,
+                               atol=1e-7)
+    assert fit(inplace, hessian="exact", track=[0, 1]).engine_["engine"] == "curvature"

@@ -163,6 +163,11 @@ class HYDRA(BaseAttributor):
     hypergradients_ : ndarray of shape (n_tracked, k) or None
         ``d_i`` (``P d_i / sqrt(k)`` with a projection), rows in the order of ``track_``
         (``mode="vector"``).
+    engine_ : dict
+        ``{"engine", "reason"}``: where the training steps' per-example gradients came from
+        (``"step capture"``: the step's own forward and backward pass; ``"separate pass"``: a
+        second pass per step, and why; ``"curvature"``: the exact / Gauss-Newton recursion).
+        Printed with ``verbose=1``.
     track_ : ndarray of int
         The tracked training indices.
     lean_scores_ : ndarray of shape (n_targets, n_train) or (1, n_train), or None
@@ -455,9 +460,17 @@ class HYDRA(BaseAttributor):
         model.fit(X, y)
         model.set_params(callbacks=self.model.callbacks)
         model.callbacks_ = [cb for cb in model.callbacks_ if cb is not hook]
+        self._set_engine(hook.inner)
         self.model_ = model
         self.trajectory_ = next(cb for cb in model.callbacks_ if isinstance(cb, TrajectoryRecorder))
         self._finish_vector(state["recursion"], X, y, state["source"])
+
+    def _set_engine(self, hook):
+        """``engine_``: where the per-example gradients of the training steps came from."""
+        self.engine_ = dict(hook.engine)
+        if self.verbose:
+            print(f"[skattr] HYDRA: gradient engine {self.engine_['engine']!r} "
+                  f"({self.engine_['reason']})", flush=True)
 
     def _finish_vector(self, recursion, X, y, source):
         D = recursion.finish()
@@ -495,6 +508,7 @@ class HYDRA(BaseAttributor):
             recursion = self._build(mu, wd, fresh.module_, src, self.coefficients_)
             hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
             _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
+            self._set_engine(hook)
             self.model_ = fresh
             self._finish_vector(recursion, X, y, src)
             return
@@ -526,6 +540,7 @@ class HYDRA(BaseAttributor):
                                       rself, reduction=self.target_reduction)
         hook = _hg.RecursionHook(recursion, src, Xt, yt, fresh.module_)
         net = _hg.replay(fresh, rec, Xt, yt, hook, verbose=self.verbose)
+        self._set_engine(hook)
         ref = dict(final.network().named_parameters())
         err = max(_hg._rel_diff(p, ref[k]) for k, p in net.named_parameters())
         if err > 1e-4:
