@@ -14,6 +14,7 @@ Skipped when dask.distributed is missing, except under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -204,6 +205,19 @@ def _runs(log, X):
     return counts
 
 
+@contextlib.contextmanager
+def _kill_once(model, tmp_path):
+    """The KillNet of ``model`` set to kill its worker once (in block 4) and to log its forward
+    passes; reset afterwards."""
+    net = model.module_
+    net.sentinel, net.log = str(tmp_path / "kill-once"), str(tmp_path / "log")
+    Path(net.sentinel).touch()
+    try:
+        yield net
+    finally:
+        net.sentinel, net.mode, net.log = None, "exit", None
+
+
 def test_killed_worker_then_resume(client, setup, tmp_path):
     """A worker process dies in the middle of the featurisation (in block 4): Dask reruns that
     block on a live worker, every other block runs once (counted from the forward passes the
@@ -214,10 +228,7 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
     model, X, y, _, _ = setup
     kw = dict(projection_dim=16, block_size=10)
     ref = TRAK(model, **kw, store=tmp_path / "ref").fit(X, y)
-    net = model.module_
-    net.sentinel, net.log = str(tmp_path / "kill-once"), str(tmp_path / "log")
-    Path(net.sentinel).touch()
-    try:
+    with _kill_once(model, tmp_path) as net:
         trak = TRAK(model, **kw, store=tmp_path / "run")
         pids_before = set(client.run(os.getpid).values())
         with joblib.parallel_config(backend="dask"):
@@ -254,8 +265,6 @@ def test_killed_worker_then_resume(client, setup, tmp_path):
         assert all(again[b] == first[b] for b in kept)  # finished blocks: not recomputed
         assert again[4] == first[4] + c and all(again[b] >= c for b in range(8))
         np.testing.assert_array_equal(stored_features(failing), stored_features(ref))
-    finally:
-        net.sentinel, net.mode, net.log = None, "exit", None
 
 
 def test_killed_worker_with_arguments_over_1kB_is_rerun(client, setup, tmp_path):
@@ -266,16 +275,13 @@ def test_killed_worker_with_arguments_over_1kB_is_rerun(client, setup, tmp_path)
     kw = dict(projection_dim=16, block_size=50)
     assert X[:50].nbytes > 1000
     ref = TRAK(model, **kw, store=tmp_path / "ref").fit(X, y)
-    net = model.module_
-    net.sentinel, net.log = str(tmp_path / "kill-once"), str(tmp_path / "log")
-    Path(net.sentinel).touch()
     try:
-        trak = TRAK(model, **kw, store=tmp_path / "run")
-        _within(180, lambda: trak.fit(X, y))
-        assert not Path(net.sentinel).exists()  # it ran, and killed its worker
-        np.testing.assert_array_equal(stored_features(trak), stored_features(ref))
+        with _kill_once(model, tmp_path) as net:
+            trak = TRAK(model, **kw, store=tmp_path / "run")
+            _within(180, lambda: trak.fit(X, y))
+            assert not Path(net.sentinel).exists()  # it ran, and killed its worker
+            np.testing.assert_array_equal(stored_features(trak), stored_features(ref))
     finally:
-        net.sentinel, net.mode, net.log = None, "exit", None
         client.wait_for_workers(2, timeout=120)
 
 
