@@ -309,7 +309,7 @@ class TracIn(BaseAttributor):
             return K
         args = [(self._featurizer(j), float(self.weights_[j]), X, y_enc[j],
                  self._train_records[j] if Y is None else None,
-                 None if Y is None else Y, None if Y is None else yY[j]) for j in range(M)]
+                 Y, None if Y is None else yY[j]) for j in range(M)]
         names = [f"the scores of checkpoint {j}" for j in range(M)]
         for Kj in run_blocks(_checkpoint_gram, args, names, n_jobs=self.n_jobs,
                              verbose=self.verbose, desc="TracIn: scoring"):
