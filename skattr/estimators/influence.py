@@ -46,7 +46,7 @@ from ..hessian import (
     record_chunks,
     top_eigenvalue,
 )
-from ..parallel import n_workers, run_blocks
+from ..parallel import _shard, n_workers, run_blocks
 from .base import BaseAttributor
 
 __all__ = ["InfluenceFunction"]
@@ -357,8 +357,6 @@ class InfluenceFunction(BaseAttributor):
                 UserWarning, stacklevel=3,
             )
             return [getattr(solves, what)(X, y_enc)]
-        from ..parallel import _shard
-
         bs, n = solves.fz.batch_size, int(X.shape[0])
         spans = [(i0, min(n, i0 + bs)) for i0 in range(0, n, bs)]
         args = [(solves, what, _shard(X, i0, i1), None if y_enc is None else _shard(y_enc, i0, i1))
