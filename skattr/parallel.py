@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import warnings
 
 import numpy as np
@@ -83,14 +84,10 @@ class torch_threads:
         torch.set_num_threads(self.prev)
 
 
-_DASK_BACKEND = []
-
-
+@functools.cache
 def _dask_backend_class():
     """joblib's Dask backend with failed tasks reported (built on first use: it imports
     ``distributed``)."""
-    if _DASK_BACKEND:
-        return _DASK_BACKEND[0]
     from joblib._dask import DaskDistributedBackend
 
     class _ReportingDaskBackend(DaskDistributedBackend):
@@ -144,7 +141,6 @@ def _dask_backend_class():
                         callback(result)
                 await asyncio.sleep(0.01)
 
-    _DASK_BACKEND.append(_ReportingDaskBackend)
     return _ReportingDaskBackend
 
 
