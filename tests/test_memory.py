@@ -149,13 +149,13 @@ def test_deferred_gram_with_itself_is_symmetric_and_exact():
     assert calls == []
 
 
-_CHILD = textwrap.dedent("""
+# what both child-process scripts start with: one thread, and status(field) from /proc/self/status
+_CHILD_PREAMBLE = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     torch.set_num_threads(1)
     from torch import nn
     from skattr import TorchModel
-    from skattr.estimators import TraceNTK
 
     def status(field):
         for line in open("/proc/self/status"):
@@ -163,6 +163,20 @@ _CHILD = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     torch.manual_seed(0)
+""")
+
+
+def _run_child(script, budget, *args):
+    """``script``'s last line of output (JSON) in a child process under ``budget``."""
+    env = dict(os.environ, SKATTR_MEMORY_BUDGET=str(budget), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_CHILD = _CHILD_PREAMBLE + textwrap.dedent("""
+    from skattr.estimators import TraceNTK
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(inplace=True),
                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
                         nn.Linear(16 * 64, 10)).eval()
@@ -178,11 +192,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _growth(n, budget):
-    env = dict(os.environ, SKATTR_MEMORY_BUDGET=budget, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n)], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    return _run_child(_CHILD, budget, n)["growth"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
@@ -219,19 +229,7 @@ def test_an_output_larger_than_the_budget_is_said_not_refused():
     assert info["chunk_size"] == 1
 
 
-_CHILD_PEG = textwrap.dedent("""
-    import json, sys
-    import numpy as np, torch
-    torch.set_num_threads(1)
-    from torch import nn
-    from skattr import TorchModel
-
-    def status(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-    torch.manual_seed(0)
+_CHILD_PEG = _CHILD_PREAMBLE + textwrap.dedent("""
     net = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(),
                         nn.Linear(64, 10)).eval()
     n, k = int(sys.argv[1]), (None if sys.argv[2] == "none" else int(sys.argv[2]))
@@ -253,11 +251,7 @@ def test_per_example_gradients_peak_rss_within_the_budget():
     batches' flattened gradients and their concatenation, 72 MB, 2.3 times the result), and
     is at least the result (the measurement sees it)."""
     budget = 48 * 2**20
-    env = dict(os.environ, SKATTR_MEMORY_BUDGET=str(budget), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", _CHILD_PEG, "600", "none"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = _run_child(_CHILD_PEG, budget, 600, "none")
     assert res["out"] <= res["growth"] <= budget, res
 
 
