@@ -768,6 +768,9 @@ def test_warns_when_model_is_fitted_or_recipe_differs_from_recording():
         torch.testing.assert_close(h.model_.module_.state_dict()[k], v)
     with pytest.warns(UserWarning, match="lr 0.1"):
         HYDRA(_model(epochs=2, lr=0.1), trajectory=rec).fit(X, y)
+    # another batch size with the recorded number of steps at the recorded one
+    with pytest.warns(UserWarning, match=r"batch_size 16 \(recorded 8\)"):
+        HYDRA(_model(epochs=2, batch_size=16), trajectory=rec).fit(X, y)
 
 
 def test_own_prediction_with_vanishing_loss_gradient_raises():

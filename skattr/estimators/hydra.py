@@ -317,12 +317,12 @@ class HYDRA(BaseAttributor):
             if r is not None and not math.isclose(float(r), float(getattr(m, name)), rel_tol=1e-9):
                 diff.append(f"{name} {getattr(m, name)} (recorded {r})")
         steps = len(rec.batches_)
-        planned = int(m.epochs) * -(-n // int(bs or m.batch_size))
+        planned = self._planned_lrs(n, int(bs or m.batch_size))  # at the recorded batch size
         if any(type(cb).plan_epoch is not Callback.plan_epoch for cb in (m.callbacks or ())):
             pass  # a callback plans the batches: the number of steps is its own
-        elif steps != planned:
-            diff.append(f"epochs {m.epochs} ({planned} steps; recorded {steps} steps)")
-        elif not np.allclose(self._planned_lrs(n), np.asarray(rec.lrs_, dtype=float), rtol=1e-9, atol=0):
+        elif steps != len(planned):
+            diff.append(f"epochs {m.epochs} ({len(planned)} steps; recorded {steps} steps)")
+        elif not np.allclose(planned, np.asarray(rec.lrs_, dtype=float), rtol=1e-9, atol=0):
             diff.append(f"lr {m.lr} / lr_schedule {m.lr_schedule!r} (the recorded learning rates differ)")
         if diff:
             warnings.warn(
@@ -430,10 +430,11 @@ class HYDRA(BaseAttributor):
         xb = model.to_tensor(X[:1])
         return int(sum(r.n_params for r in src.records(model.network(), xb, model.encode_y(y[:1], 1))))
 
-    def _planned_lrs(self, n):
-        """The learning rate of every step of ``model``'s recipe on ``n`` examples."""
+    def _planned_lrs(self, n, batch_size=None):
+        """The learning rate of every step of ``model``'s recipe on ``n`` examples (in batches of
+        ``batch_size``; default the model's)."""
         m = self.model
-        total = int(m.epochs) * -(-n // int(m.batch_size))
+        total = int(m.epochs) * -(-n // int(batch_size or m.batch_size))
         return [float(learning_rate_at(float(m.lr), m.lr_schedule, s, total)) for s in range(total)]
 
     def _fit_training(self, X, y):
