@@ -21,6 +21,7 @@ from . import _memory
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
 from .featurize import featurize_batches, write_flat
+from .hessian import record_chunks
 from .outputs import task_loss
 from .projection import Projector
 from .training import copy_callbacks, train_module
@@ -586,8 +587,7 @@ class TorchModel(BaseEstimator):
                                        reserved=reserved, projector=proj)
         # each batch's records (chunk by chunk where deferred) written into the one output
         chunks = ((i0 + c0, i0 + c1, r) for i0, recs in batches
-                  for c0, c1, r in (recs.chunks() if isinstance(recs, _grad.DeferredRecords)
-                                    else [(0, _grad.records_shape(recs)[0], recs)]))
+                  for c0, c1, r in record_chunks(recs))
         if proj is not None:
             featurize_batches(chunks, proj, out).mul_(1.0 / math.sqrt(proj.k))
         else:
