@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -714,23 +715,17 @@ def _token_ids(X, name_emb, emb, *, name="X"):
     return X if X.dtype in (np.int64, np.int32) else X.astype(np.int64)
 
 
-class _input_context:
+@contextlib.contextmanager
+def _input_context(net, X):
     """Re-raise a ``RuntimeError`` of the first forward pass on ``X`` as a ``ValueError`` naming
     ``X``'s shape and what the network's first Linear / convolution layer expects (the original
     error as ``__cause__``)."""
-
-    def __init__(self, net, X):
-        self.net, self.X = net, X
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None or not issubclass(kind, RuntimeError):
-            return False
-        shape = tuple(self.X.shape)
+    try:
+        yield
+    except RuntimeError as exc:
+        shape = tuple(X.shape)
         expects = "its input"
-        for name, m in self.net.named_modules():
+        for name, m in net.named_modules():
             conv = isinstance(m, torch.nn.modules.conv._ConvNd)
             if conv and not isinstance(m.in_channels, torch.nn.parameter.UninitializedParameter):
                 k = len(m.kernel_size)
