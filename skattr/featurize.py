@@ -216,14 +216,24 @@ def featurize_batches(batches, projector, out=None, *, n=None):
             out = torch.empty(n, m, projector.k, device=projector.device, dtype=projector.dtype)
         o = out[i0:i1]
         if projector is None:
-            if o.shape[1] == 1:
+            if not isinstance(recs, list):  # deferred or chunked records: the general path
+                o.copy_(_grad.flatten(recs))
+            elif o.shape[1] == 1:
                 write_flat(recs, o[:, 0])
             else:
-                o.copy_(_grad.flatten(recs))
+                for j in range(o.shape[1]):  # output by output: no (rows, m, p) temporary
+                    write_flat(output_records(recs, j), o[:, j])
         else:
             o.zero_()
             _grad.project(recs, projector, out=o)
     return out
+
+
+def output_records(records, j):
+    """The records of output ``j`` alone (views)."""
+    return [_grad.KronRecord(r.key, r.x, r.d[:, :, j : j + 1], bias=r.bias)
+            if isinstance(r, _grad.KronRecord) else _grad.DenseRecord(r.key, r.g[:, j : j + 1])
+            for r in records]
 
 
 def write_flat(records, out):

@@ -21,7 +21,7 @@ from sklearn.utils.validation import column_or_1d
 from . import _memory
 from . import gradients as _grad
 from ._validation import check_fitted_shape, check_input, seed_from_random_state
-from .featurize import featurize_batches, write_flat
+from .featurize import featurize_batches
 from .hessian import record_chunks
 from .outputs import task_loss
 from .projection import Projector
@@ -589,12 +589,9 @@ class TorchModel(BaseEstimator):
         # each batch's records (chunk by chunk where deferred) written into the one output
         chunks = ((i0 + c0, i0 + c1, r) for i0, recs in batches
                   for c0, c1, r in record_chunks(recs))
+        featurize_batches(chunks, proj, out)
         if proj is not None:
-            featurize_batches(chunks, proj, out).mul_(1.0 / math.sqrt(proj.k))
-        else:
-            for i0, i1, recs in chunks:
-                for j in range(m):  # output by output: no (rows, m, p) temporary
-                    write_flat(_output_records(recs, j), out[i0:i1, j])
+            out.mul_(1.0 / math.sqrt(proj.k))
         G = out.cpu().numpy()
         return G[:, 0] if G.shape[1] == 1 else G
 
@@ -740,13 +737,6 @@ def _input_context(net, X):
             f"X has shape {shape} but the network's first layer expects {expects}: the first "
             f"forward pass failed ({str(exc).splitlines()[0]}). Check X's shape and feature count."
         ) from exc
-
-
-def _output_records(records, j):
-    """The records of output ``j`` alone (views)."""
-    return [_grad.KronRecord(r.key, r.x, r.d[:, :, j : j + 1], bias=r.bias)
-            if isinstance(r, _grad.KronRecord) else _grad.DenseRecord(r.key, r.g[:, j : j + 1])
-            for r in records]
 
 
 def _has_lazy(module):
